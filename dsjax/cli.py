@@ -1,0 +1,124 @@
+"""Command-line entry points: `dsjax-train` (also `python -m dsjax.train`).
+
+  dsjax-train --model cnn-digits --precision fp32 --batch-size 64 \\
+      --gradient-accumulation 2 --steps 300 --workdir runs/digits
+  dsjax-train --config configs/digits_cnn.py --config.optimizer.learning_rate=1e-3 \\
+      --workdir runs/digits
+
+The short flags are shorthands for config fields. Without `--config`, the model's own
+experiment file from `configs/` is the starting point. Every user error ends the process
+with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+from dsjax import precision
+from dsjax.errors import ConfigError, DsjaxError
+from dsjax.models import registry
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Short flag -> config field it sets.
+_SHORTHANDS = {
+    "precision": "precision.policy",
+    "batch-size": "train.batch_size",
+    "gradient-accumulation": "train.grad_accum_steps",
+    "steps": "train.steps",
+    "seed": "seed",
+}
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment file `configs/NAME.py[:variant]`; override fields with "
+    "--config.section.field=value.", flag_values=FLAGS)
+flags.DEFINE_string("model", None, "Model name from the registry; picks its default config "
+                    "when --config is not given.", flag_values=FLAGS)
+flags.DEFINE_enum("precision", None, list(precision.PRESETS), "Precision preset.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("batch-size", None, "Global batch per optimizer step.", flag_values=FLAGS)
+flags.DEFINE_integer("gradient-accumulation", None, "Micro-batches per step (K).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "Optimizer steps to train for.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", None, "Random seed.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Run folder; rerunning on it resumes.", flag_values=FLAGS)
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """Reads `--name=value` or `--name value` from raw argv (before absl parses it)."""
+  for index, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and index + 1 < len(argv):
+      return argv[index + 1]
+  return None
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+  """Adds `--config=<the model's experiment file>` when no --config was given."""
+  if _flag_value(argv, "config") is not None:
+    return argv
+  name = _flag_value(argv, "model") or "cnn-digits"
+  path = CONFIGS_DIR / registry.get_spec(name).config_file
+  if not path.exists():
+    raise ConfigError(f"the default config of model {name!r} is missing ({path}); "
+                      "pass --config FILE")
+  return [argv[0], f"--config={path}", *argv[1:]]
+
+
+def _parse(argv: list[str]):
+  """Parses flags into the resolved config; user errors become ConfigError."""
+  try:
+    FLAGS(_with_default_config(argv))
+    config = FLAGS.config
+  except flags.Error as error:
+    raise ConfigError(str(error)) from error
+  except (AttributeError, KeyError) as error:
+    raise ConfigError(f"a --config.* override names a key the config does not have: "
+                      f"{error}") from error
+  except OSError as error:  # config_flags reports an unreadable config file this way.
+    raise ConfigError(f"cannot load --config: {error}") from error
+  if FLAGS.model is not None and FLAGS.model != config.model.name:
+    registry.get_spec(FLAGS.model)  # Unknown names get the list of known ones.
+    raise ConfigError(f"--model {FLAGS.model} differs from the config file's model.name "
+                      f"{config.model.name!r}: drop --model, or drop --config to start from "
+                      "the model's default config")
+  for flag, field in _SHORTHANDS.items():
+    if FLAGS[flag].value is not None:
+      section, _, key = field.rpartition(".")
+      (config[section] if section else config)[key] = FLAGS[flag].value
+  if not FLAGS.workdir:
+    raise ConfigError("--workdir is required: the folder for checkpoints and logs "
+                      "(rerunning on the same folder resumes)")
+  return config
+
+
+def _die(message: str) -> None:
+  print(f"dsjax-train: error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+  """Entry point of `dsjax-train`."""
+  argv = list(sys.argv if argv is None else argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("dsjax").setLevel(logging.INFO)
+  try:
+    config = _parse(argv)
+    from dsjax.train import train_and_evaluate  # Heavy (jax, orbax): import after parsing.
+
+    summary = train_and_evaluate(config, FLAGS.workdir)
+  except DsjaxError as error:
+    _die(str(error))
+  except KeyboardInterrupt:
+    _die("interrupted; rerun the same command to resume from the last checkpoint")
+  parts = [f"{key}={summary[key]:.4f}" for key in ("test_accuracy", "eval_accuracy",
+                                                   "test_loss") if key in summary]
+  print(f"final ({summary['steps']} steps): {', '.join(parts)}")

@@ -1,0 +1,244 @@
+"""The config schema: defaults for every section and the start-up check.
+
+Experiment files in `configs/` start from `base_config()` and override fields. Before a
+run starts, `validate(config)` compares the config against the schema (the base config
+plus the chosen model's own defaults) and raises one `ConfigError` listing every unknown
+key, wrong type and impossible value, with the closest known key where there is one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from dsjax import precision
+from dsjax.errors import ConfigError
+from dsjax.models import registry
+
+OPTIMIZERS = ("adamw", "sgd", "momentum")
+SCHEDULES = ("constant", "cosine")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the defaults shared by every experiment.
+
+  Returns:
+    A ConfigDict with sections `model`, `data`, `train`, `optimizer`, `precision`,
+    `checkpoint` and `logging`. The model section holds only `name`; the model's own
+    fields come from its registry entry (see `with_model_defaults`).
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "cnn-digits"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"
+  config.data.data_dir = ""  # Real-format datasets read from here; embedded ones ignore it.
+  config.data.val_fraction = 0.1
+  config.data.split_seed = 0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 500
+  config.train.batch_size = 128  # Global batch per optimizer step (all micro-batches).
+  config.train.grad_accum_steps = 1
+  config.train.eval_every_steps = 100
+  config.train.eval_batch_size = 256
+  config.train.log_every_steps = 10
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.schedule = "cosine"  # Decays to 0 at train.steps.
+  config.optimizer.warmup_steps = 0  # Linear warm-up from 0, before either schedule.
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.momentum = 0.9
+  config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping.
+
+  config.precision = ml_collections.ConfigDict()
+  config.precision.policy = "fp32"
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 100
+  config.checkpoint.max_to_keep = 3
+  # Async saves overlap the write with training. Off by default: on CPU the host copy
+  # can alias buffers that the next (donating) step reuses.
+  config.checkpoint.async_save = False
+
+  config.logging = ml_collections.ConfigDict()
+  config.logging.tensorboard = True
+  config.logging.progress_bar = True
+  return config
+
+
+def with_model_defaults(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets `config.model` to the registered defaults of model `name`.
+
+  Args:
+    config: a config whose model section is replaced in place.
+    name: a registered model name.
+
+  Returns:
+    The same config, for chaining.
+  """
+  spec = registry.get_spec(name)
+  config.model = ml_collections.ConfigDict({"name": name, **spec.defaults})
+  config.data.name = spec.dataset
+  return config
+
+
+def _schema(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  schema = base_config().to_dict()
+  name = config.get("model", {}).get("name")
+  if isinstance(name, str) and name in registry.known_models():
+    schema["model"].update(registry.get_spec(name).defaults)
+  return schema
+
+
+def _type_name(value: Any) -> str:
+  return type(value).__name__
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  if default is None or value is None:
+    return True
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, int | float)
+  if isinstance(default, tuple | list):
+    return isinstance(value, tuple | list)
+  return isinstance(value, type(default))
+
+
+def _compare(values: Mapping, schema: Mapping, prefix: str, problems: list[str]) -> None:
+  for key, value in values.items():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema), n=1)
+      hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+      problems.append(f"unknown key {path}{hint}")
+    elif isinstance(schema[key], Mapping):
+      if isinstance(value, Mapping):
+        _compare(value, schema[key], f"{path}.", problems)
+      else:
+        problems.append(f"{path} must be a section, got {_type_name(value)}")
+    elif not _same_kind(value, schema[key]):
+      problems.append(f"{path} must be {_type_name(schema[key])}, got {value!r}")
+
+
+def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+  def check(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  name = config.model.name
+  check(name in registry.known_models(),
+        f"unknown model {name!r}; known models: {', '.join(registry.known_models())}")
+  train, opt = config.train, config.optimizer
+  for field in ("steps", "batch_size", "grad_accum_steps", "eval_every_steps",
+                "eval_batch_size", "log_every_steps"):
+    check(train[field] >= 1, f"train.{field} must be >= 1, got {train[field]}")
+  if train.batch_size >= 1 and train.grad_accum_steps >= 1:
+    check(train.batch_size % train.grad_accum_steps == 0,
+          f"train.batch_size={train.batch_size} does not split into "
+          f"train.grad_accum_steps={train.grad_accum_steps} equal micro-batches: "
+          f"use a batch size divisible by {train.grad_accum_steps}")
+  check(opt.name in OPTIMIZERS,
+        f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {opt.name!r}")
+  check(opt.schedule in SCHEDULES,
+        f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.schedule!r}")
+  check(opt.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+  check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+  check(opt.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+  check(0 <= opt.momentum < 1, f"optimizer.momentum must be in [0, 1), got {opt.momentum}")
+  check(opt.grad_clip_norm >= 0,
+        f"optimizer.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm}")
+  check(config.precision.policy in precision.PRESETS,
+        f"precision.policy must be one of {', '.join(precision.PRESETS)}, "
+        f"got {config.precision.policy!r}")
+  check(0 <= config.data.val_fraction < 0.5,
+        f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
+  check(config.checkpoint.every_steps >= 1,
+        f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
+  check(config.checkpoint.max_to_keep >= 1,
+        f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}")
+  if name in registry.known_models():
+    for message in registry.get_spec(name).check(config.model):
+      problems.append(f"model: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a config against the schema; raises one ConfigError naming every problem.
+
+  Args:
+    config: the resolved config of a run.
+
+  Raises:
+    ConfigError: on unknown keys, wrong types or impossible values.
+  """
+  problems: list[str] = []
+  _compare(config.to_dict(), _schema(config), "", problems)
+  if not problems:  # Value checks assume the structure is right.
+    _check_values(config, problems)
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses the `:arg` of `--config file.py:arg` into typed variant settings.
+
+  `"tiny"` sets a boolean default to True; `"key=value"` parses value by the type of the
+  default. Settings are comma-separated: `"tiny,width=64"`.
+
+  Args:
+    arg: the string after the colon, or None.
+    **defaults: every accepted setting and its default value.
+
+  Returns:
+    A ConfigDict of the settings.
+
+  Raises:
+    ConfigError: an unknown setting, or a value that does not parse.
+  """
+  settings = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+    key, has_value, raw = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"unknown config variant {key!r}; known: {', '.join(defaults) or 'none'}")
+    default = defaults[key]
+    try:
+      if not has_value:
+        value = True
+      elif isinstance(default, bool):
+        value = {"true": True, "false": False}[raw.lower()]
+      else:
+        value = type(default)(raw)
+    except (KeyError, ValueError) as error:
+      raise ConfigError(
+          f"config variant {key}={raw!r} is not a {type(default).__name__}") from error
+    settings[key] = value
+  return settings
+
+
+def make_tiny(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+  """Shrinks a run to 2 steps that log, evaluate and checkpoint at every step (tests).
+
+  Args:
+    config: the config to shrink in place; model sizes are the caller's business.
+    batch_size: the global batch of the tiny run.
+
+  Returns:
+    The same config.
+  """
+  config.train.steps = 2
+  config.train.batch_size = batch_size
+  config.train.eval_every_steps = 1
+  config.train.log_every_steps = 1
+  config.checkpoint.every_steps = 1
+  config.optimizer.warmup_steps = 0
+  return config

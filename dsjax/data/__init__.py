@@ -1,0 +1,17 @@
+"""Datasets and deterministic batching.
+
+Importing this package registers every built-in loader in `DATASETS`, so
+`get_dataset` works however the package is first imported.
+"""
+
+from dsjax.data import cifar10 as _cifar10  # noqa: F401  (registers 'cifar10')
+from dsjax.data import digits as _digits  # noqa: F401  (registers 'digits')
+from dsjax.data.pipeline import DATASETS, BatchIterator, Dataset, eval_batches, get_dataset
+
+__all__ = [
+    "DATASETS",
+    "BatchIterator",
+    "Dataset",
+    "eval_batches",
+    "get_dataset",
+]

@@ -1,0 +1,70 @@
+"""A small convolutional classifier for the digits (8x8) and CIFAR-10 (32x32) data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dsjax.models import registry
+
+
+class CNN(nn.Module):
+  """Stages of two 3x3 convolutions and a 2x2 average pool, then an MLP head.
+
+  Attributes:
+    features: channels of each stage.
+    dense_features: width of the hidden dense layer.
+    num_classes: number of output logits.
+    dropout_rate: dropout before the classifier, active in training only.
+    dtype: compute dtype; parameters are always float32 (master weights).
+  """
+
+  features: Sequence[int]
+  dense_features: int
+  num_classes: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    x = images.astype(self.dtype)
+    for stage, width in enumerate(self.features):
+      for layer in range(2):
+        x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{stage}_{layer}")(x)
+        x = nn.relu(x)
+      if min(x.shape[-3:-1]) >= 2:
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype, name="hidden")(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+    # Losses and softmax are numerically sensitive: hand them float32 logits.
+    return logits.astype(jnp.float32)
+
+
+def _build(model_config: Any, num_classes: int, dtype: Any) -> CNN:
+  return CNN(features=tuple(model_config.features), dense_features=model_config.dense_features,
+             num_classes=num_classes, dropout_rate=model_config.dropout_rate, dtype=dtype)
+
+
+def _check(model_config: Any) -> list[str]:
+  problems = []
+  if not model_config.features or any(int(f) < 1 for f in model_config.features):
+    problems.append(f"features must be positive channel counts, got {model_config.features}")
+  if model_config.dense_features < 1:
+    problems.append(f"dense_features must be >= 1, got {model_config.dense_features}")
+  if not 0 <= model_config.dropout_rate < 1:
+    problems.append(f"dropout_rate must be in [0, 1), got {model_config.dropout_rate}")
+  return problems
+
+
+_DEFAULTS = {"features": (32, 64), "dense_features": 128, "dropout_rate": 0.0}
+registry.register(registry.ModelSpec(
+    name="cnn-digits", build=_build, defaults=_DEFAULTS, dataset="digits",
+    config_file="digits_cnn.py", check=_check))
+registry.register(registry.ModelSpec(
+    name="cnn-cifar10", build=_build, defaults={**_DEFAULTS, "features": (32, 64, 128)},
+    dataset="cifar10", config_file="cifar10_cnn.py", check=_check))

@@ -1,0 +1,61 @@
+"""Models chosen by name: `dsjax-train --model NAME` and `config.model.name`.
+
+Each entry says how to build the Flax module, which fields its config section has (the
+schema `dsjax.config.validate` checks), which dataset and config file it defaults to, and
+which model-specific values are impossible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dsjax.errors import ConfigError
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """How to build and configure one registered model.
+
+  Attributes:
+    name: the registry name, e.g. `cnn-digits`.
+    build: `(model_config, num_classes, dtype) -> flax.linen.Module`.
+    defaults: the model's config fields and their defaults (the schema of `config.model`).
+    dataset: the dataset it trains on by default (`config.data.name`).
+    config_file: its experiment file in `configs/`, used when no `--config` is given.
+    check: `(model_config) -> list of problems` for values the types cannot rule out.
+  """
+
+  name: str
+  build: Callable[..., Any]
+  defaults: dict[str, Any]
+  dataset: str
+  config_file: str
+  check: Callable[[Any], Iterable[str]] = lambda model_config: ()
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+  """Adds a model to the registry; names are unique."""
+  if spec.name in _REGISTRY:
+    raise ValueError(f"model {spec.name!r} is registered twice")
+  _REGISTRY[spec.name] = spec
+  return spec
+
+
+def known_models() -> list[str]:
+  """Returns the registered model names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+  """Returns the spec of a registered model.
+
+  Raises:
+    ConfigError: the name is not registered; the message lists the known ones.
+  """
+  if name not in _REGISTRY:
+    raise ConfigError(f"unknown model {name!r}; known models: {', '.join(known_models())}")
+  return _REGISTRY[name]

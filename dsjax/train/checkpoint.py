@@ -1,0 +1,108 @@
+"""Orbax checkpoints of the train state and the data position.
+
+Writes are atomic: orbax writes each step into a temporary folder and renames it when
+complete, so a run killed at any moment leaves only whole checkpoints behind (and the
+partial folder, which is ignored and cleaned up). Restore never falls back silently: a
+checkpoint that cannot be read raises a `CheckpointError` naming its folder, and nothing
+in the folder is deleted or overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from dsjax.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+class Checkpointer:
+  """Saves and restores `(train_state, data_state)` pairs by step.
+
+  Args:
+    directory: where step folders live (`<workdir>/checkpoints`).
+    max_to_keep: how many recent checkpoints to keep.
+    async_save: write in a background thread while training goes on.
+  """
+
+  def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool):
+    self.directory = Path(directory).absolute()
+    if self.directory.exists() and not self.directory.is_dir():
+      raise CheckpointError(f"checkpoint path {self.directory} exists and is not a folder: "
+                            "move it aside or use a new --workdir")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=("state", "data"))
+    except Exception as error:  # noqa: BLE001 - any orbax failure is reported the same way.
+      raise CheckpointError(f"cannot open checkpoints in {self.directory}: "
+                            f"{_first_line(error)}") from error
+
+  def latest_step(self) -> int | None:
+    """Returns the newest complete checkpoint's step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    """Saves the state at `step` (atomic; a step already saved is left as it is)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores the checkpoint at `step` into the structure, shapes and dtypes of `target`.
+
+    Args:
+      step: a step from `latest_step()`.
+      target: a train state (or its `jax.eval_shape`) the checkpoint must match.
+
+    Returns:
+      `(state, data_state)`.
+
+    Raises:
+      CheckpointError: the checkpoint is corrupt, incomplete or does not match `target`.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    folder = self.directory / str(step)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+      state, data_state = restored["state"], restored["data"]
+      _check_match(state, abstract)
+    except CheckpointError:
+      raise
+    except Exception as error:  # noqa: BLE001 - corrupt files fail in many different ways.
+      raise CheckpointError(
+          f"checkpoint {folder} cannot be restored ({_first_line(error)}); it is corrupt or "
+          "was written by a different model/config. It was left untouched: move it aside to "
+          "resume from an earlier checkpoint, or use a new --workdir") from error
+    log.info("restored checkpoint %s", folder)
+    return state, data_state
+
+  def wait(self) -> None:
+    """Blocks until any background save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _check_match(state: Any, abstract: Any) -> None:
+  """Raises if restored arrays differ in shape or dtype from what the model expects."""
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
+  if got != want:
+    raise CheckpointError(
+        "checkpoint arrays do not match the model (shapes or dtypes differ): the workdir "
+        "holds a run of a different config; use a new --workdir")
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,161 @@
+"""`train_and_evaluate(config, workdir)`: the training loop every entry point calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from dsjax import data, models, precision
+from dsjax.config import validate
+from dsjax.errors import CheckpointError
+from dsjax.train import checkpoint, metrics, optim, step
+from dsjax.train.state import TrainState, create_train_state
+
+log = logging.getLogger(__name__)
+
+# Config sections that must not change between a run and its resumption: they decide the
+# meaning of the checkpointed arrays and of the data position.
+_RESUME_INVARIANT = ("seed", "model", "data", "optimizer", "precision")
+
+
+def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
+             batch_size: int) -> dict[str, float]:
+  """Mean loss and accuracy over every example of a split.
+
+  Args:
+    state: the train state.
+    eval_fn: the jitted `step.eval_step`.
+    arrays: the split, `{'image': ..., 'label': ...}`.
+    batch_size: examples per eval batch (the last one is padded and masked).
+
+  Returns:
+    `{'loss': ..., 'accuracy': ...}`.
+  """
+  totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+  for batch, mask in data.eval_batches(arrays, batch_size):
+    for key, value in jax.device_get(eval_fn(state, batch, mask)).items():
+      totals[key] += float(value)
+  count = max(totals["count"], 1.0)
+  return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct_sum"] / count}
+
+
+def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir whose saved config differs in a resume-invariant section."""
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return
+  try:
+    saved = json.loads(saved_path.read_text())
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"{saved_path} is not valid JSON ({error}); move the workdir "
+                          "aside or use a new --workdir") from error
+  current = json.loads(config.to_json())
+  changed = [key for key in _RESUME_INVARIANT if saved.get(key) != current.get(key)]
+  if changed:
+    raise CheckpointError(
+        f"workdir {workdir} holds checkpoints of a run with different {', '.join(changed)} "
+        "settings; resuming would mix two experiments. Use a new --workdir, or restore the "
+        f"original settings (see {saved_path})")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its last checkpoint if there is one.
+
+  Args:
+    config: the run's config (validated here).
+    workdir: where checkpoints, metrics.jsonl, TensorBoard events, config.json and
+      summary.json go.
+
+  Returns:
+    The summary: final validation and test metrics, steps, throughput.
+  """
+  validate(config)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  train_cfg = config.train
+
+  dataset = data.get_dataset(config.data)
+  dtype = precision.compute_dtype(config.precision.policy)
+  model = models.get_spec(config.model.name).build(config.model, dataset.num_classes, dtype)
+  tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
+  state = create_train_state(model, tx, dataset.input_shape, config.seed)
+  train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
+                                  seed=config.seed)
+
+  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints",
+                                         max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    _check_resumable(workdir, config)
+    state, data_state = checkpointer.restore(latest, state)
+    train_iter.set_state(data_state)
+    log.info("resuming from step %d", latest)
+  start_step = int(state.step)
+  metrics.write_json(workdir / "config.json", json.loads(config.to_json()))
+  writer = metrics.MetricWriter(workdir, tensorboard=config.logging.tensorboard,
+                                resume_step=start_step)
+
+  train_step = jax.jit(step.make_train_step(train_cfg.grad_accum_steps, learning_rate_fn),
+                       donate_argnums=(0,))
+  eval_fn = jax.jit(step.eval_step)
+  compile_start = time.perf_counter()
+  if start_step < train_cfg.steps:
+    train_step = train_step.lower(state, train_iter.batch(start_step), state.rng).compile()
+  compile_time = time.perf_counter() - compile_start
+
+  progress = tqdm.tqdm(total=train_cfg.steps, initial=start_step, unit="step",
+                       disable=None if config.logging.progress_bar else True)
+  window_start, window_steps, train_time = time.perf_counter(), 0, 0.0
+  try:
+    for step_index in range(start_step, train_cfg.steps):
+      batch = next(train_iter)
+      state, step_metrics = train_step(state, batch, jax.random.fold_in(state.rng, step_index))
+      done = step_index + 1
+      window_steps += 1
+      progress.update(1)
+      is_last = done == train_cfg.steps
+      is_eval = done % train_cfg.eval_every_steps == 0 or is_last
+      if done % train_cfg.log_every_steps == 0 or is_eval:
+        record = jax.device_get(step_metrics)
+        elapsed = time.perf_counter() - window_start
+        train_time += elapsed
+        record["examples_per_sec"] = window_steps * train_cfg.batch_size / elapsed
+        record["steps_per_sec"] = window_steps / elapsed
+        if done == window_steps + start_step:
+          record["compile_time_s"] = compile_time
+        if is_eval and len(dataset.splits["val"]["label"]):
+          val = evaluate(state, eval_fn, dataset.splits["val"], train_cfg.eval_batch_size)
+          record.update({f"eval_{key}": value for key, value in val.items()})
+        writer.write(done, record)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if done % config.checkpoint.every_steps == 0 or is_last:
+        save_start = time.perf_counter()
+        checkpointer.save(done, state, train_iter.get_state())
+        window_start += time.perf_counter() - save_start  # Saving is not training time.
+    checkpointer.wait()
+  finally:
+    progress.close()
+    checkpointer.close()
+
+  summary: dict[str, Any] = {"steps": int(state.step), "compile_time_s": compile_time}
+  if train_time > 0:
+    summary["train_time_s"] = train_time
+  for split, prefix in (("val", "eval"), ("test", "test")):
+    if len(dataset.splits.get(split, {}).get("label", ())):
+      result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size)
+      summary.update({f"{prefix}_{key}": value for key, value in result.items()})
+  log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+  writer.close()
+  metrics.write_json(workdir / "summary.json", summary)
+  return summary
+

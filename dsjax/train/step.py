@@ -1,0 +1,104 @@
+"""The one jitted training step, and the evaluation step.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure: gradient accumulation over
+K micro-batches runs inside it as a `lax.scan`, so the optimizer sees the mean gradient
+of the whole batch, equal to one big-batch step up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _forward(state: TrainState, params: Any, model_state: Any, batch: Batch, rng: jax.Array,
+             train: bool) -> tuple[jax.Array, jax.Array, Any]:
+  """Runs the model; returns per-example loss, per-example correctness, new model state."""
+  variables = {"params": params, **model_state}
+  if train and model_state:
+    logits, model_state = state.apply_fn(variables, batch["image"], train=True,
+                                         rngs={"dropout": rng}, mutable=list(model_state))
+  else:
+    logits = state.apply_fn(variables, batch["image"], train=train, rngs={"dropout": rng})
+  logits = logits.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  return loss, correct, model_state
+
+
+def make_train_step(grad_accum_steps: int,
+                    learning_rate_fn: optax.Schedule) -> Callable[..., tuple[TrainState, Metrics]]:
+  """Builds the training step.
+
+  Args:
+    grad_accum_steps: K; the batch's leading dimension splits into K equal micro-batches.
+    learning_rate_fn: the schedule, logged as `learning_rate`.
+
+  Returns:
+    `train_step(state, batch, rng) -> (state, metrics)`, to be jitted with the state
+    donated. Metrics: loss, accuracy, learning_rate, grad_norm, param_norm, update_norm.
+  """
+
+  def micro_step(state: TrainState, model_state: Any, micro_batch: Batch, rng: jax.Array):
+    def loss_fn(params):
+      loss, correct, new_model_state = _forward(state, params, model_state, micro_batch, rng,
+                                                train=True)
+      return loss.mean(), (correct.mean(), new_model_state)
+
+    (loss, (accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    return grads, loss, accuracy, model_state
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    if grad_accum_steps == 1:
+      grads, loss, accuracy, model_state = micro_step(state, state.model_state, batch, rng)
+    else:
+      micro_batches = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          batch)
+
+      def body(carry, inputs):
+        grad_sum, loss_sum, accuracy_sum, model_state = carry
+        index, micro_batch = inputs
+        grads, loss, accuracy, model_state = micro_step(
+            state, model_state, micro_batch, jax.random.fold_in(rng, index))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, loss_sum + loss, accuracy_sum + accuracy, model_state), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros(()), jnp.zeros(()), state.model_state)
+      (grad_sum, loss_sum, accuracy_sum, model_state), _ = jax.lax.scan(
+          body, init, (jnp.arange(grad_accum_steps), micro_batches))
+      # Equal-sized micro-batches: the mean of K means is the mean of the whole batch.
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+      loss, accuracy = loss_sum / grad_accum_steps, accuracy_sum / grad_accum_steps
+
+    new_state, updates = state.apply_gradients(grads, model_state)
+    metrics = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "learning_rate": learning_rate_fn(state.step),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_state.params),
+        "update_norm": optax.global_norm(updates),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
+  """Sums of loss and correct predictions over the real (mask == 1) examples of a batch."""
+  loss, correct, _ = _forward(state, state.params, state.model_state, batch,
+                              jax.random.PRNGKey(0), train=False)
+  return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}

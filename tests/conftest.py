@@ -1,0 +1,37 @@
+"""Test set-up: 8 simulated CPU devices, and shared fixtures.
+
+XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
+"""
+
+import os
+import pickle
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def write_cifar10(folder, rows_per_file=None, skip=()):
+  """Writes tiny CIFAR-10 python batches (the real pickle format) into `folder`."""
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name in CIFAR10_FILES:
+    if name in skip:
+      continue
+    n = rows_per_file or (4 if name == "test_batch" else 6)
+    payload = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+               b"labels": rng.integers(0, 10, n).tolist(),
+               b"batch_label": name.encode()}
+    with open(os.path.join(folder, name), "wb") as f:
+      pickle.dump(payload, f)
+
+
+@pytest.fixture
+def make_cifar10():
+  """The `write_cifar10` function, for tests that need CIFAR-10 files on disk."""
+  return write_cifar10
