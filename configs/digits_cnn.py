@@ -15,6 +15,9 @@ def get_config(arg: str | None = None):
   config.train.batch_size = 64
   config.train.eval_every_steps = 100
   config.optimizer.learning_rate = 3e-3
+  # Constant after warm-up, so `--steps 300` then `--steps 600` on one workdir ends where a
+  # fresh 600-step run does.
+  config.optimizer.schedule = "constant"
   config.optimizer.warmup_steps = 20
   config.checkpoint.every_steps = 100
   if variants.tiny:

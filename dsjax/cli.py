@@ -13,7 +13,9 @@ with one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,7 +65,12 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
 
 def _with_default_config(argv: list[str]) -> list[str]:
   """Adds `--config=<the model's experiment file>` when no --config was given."""
-  if _flag_value(argv, "config") is not None:
+  config_arg = _flag_value(argv, "config")
+  if config_arg is not None:
+    path = Path(config_arg.split(":", 1)[0]).expanduser()
+    if not path.is_file():
+      raise ConfigError(f"config file {path} not found (--config takes a path such as "
+                        f"{CONFIGS_DIR / 'digits_cnn.py'})")
     return argv
   name = _flag_value(argv, "model") or "cnn-digits"
   path = CONFIGS_DIR / registry.get_spec(name).config_file
@@ -78,13 +85,17 @@ def _parse(argv: list[str]):
   try:
     FLAGS(_with_default_config(argv))
     config = FLAGS.config
+    config.get("model")  # config_flags defers load errors to the first access.
+  except DsjaxError:
+    raise
   except flags.Error as error:
     raise ConfigError(str(error)) from error
   except (AttributeError, KeyError) as error:
-    raise ConfigError(f"a --config.* override names a key the config does not have: "
-                      f"{error}") from error
-  except OSError as error:  # config_flags reports an unreadable config file this way.
-    raise ConfigError(f"cannot load --config: {error}") from error
+    raise ConfigError(_unknown_override(argv, error)) from error
+  except Exception as error:  # noqa: BLE001 - the config file is user code: any error.
+    cause = error.__cause__ or error
+    raise ConfigError(f"config file {_flag_value(argv, 'config')} failed to load: "
+                      f"{_describe(cause)}") from error
   if FLAGS.model is not None and FLAGS.model != config.model.name:
     registry.get_spec(FLAGS.model)  # Unknown names get the list of known ones.
     raise ConfigError(f"--model {FLAGS.model} differs from the config file's model.name "
@@ -98,6 +109,29 @@ def _parse(argv: list[str]):
     raise ConfigError("--workdir is required: the folder for checkpoints and logs "
                       "(rerunning on the same folder resumes)")
   return config
+
+
+def _unknown_override(argv: Sequence[str], error: Exception) -> str:
+  """Names the `--config.*` override whose key does not exist, with config_flags' hint."""
+  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...))
+    error = error.args[0]
+  text = str(error.args[0] if error.args else error)
+  key = re.search(r"'([^']+)'", text)
+  key = key.group(1) if key else text
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  flag = next((arg.split("=", 1)[0] for arg in argv
+               if arg.startswith("--config.") and f".{key}" in arg.split("=", 1)[0]), "--config.*")
+  return (f"{flag}: the config has no key {key!r}"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+
+
+def _describe(error: BaseException) -> str:
+  """`Type: message (file:line)` of the innermost frame, e.g. inside a config file."""
+  if isinstance(error, SyntaxError):
+    return f"SyntaxError: {error.msg} ({error.filename}:{error.lineno})"
+  frames = traceback.extract_tb(error.__traceback__)
+  where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+  return f"{type(error).__name__}: {error}{where}"
 
 
 def _die(message: str) -> None:

@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "cosine"  # Decays to 0 at train.steps.
+  config.optimizer.schedule = "cosine"
+  # Steps over which the cosine decays to 0; 0 means train.steps. Set it when a run may
+  # be extended with a larger --steps: the schedule then stays the same on resume.
+  config.optimizer.decay_steps = 0
   config.optimizer.warmup_steps = 0  # Linear warm-up from 0, before either schedule.
   config.optimizer.weight_decay = 1e-4
   config.optimizer.momentum = 0.9
@@ -93,9 +96,7 @@ def with_model_defaults(config: ml_collections.ConfigDict, name: str) -> ml_coll
 
 def _schema(config: ml_collections.ConfigDict) -> dict[str, Any]:
   schema = base_config().to_dict()
-  name = config.get("model", {}).get("name")
-  if isinstance(name, str) and name in registry.known_models():
-    schema["model"].update(registry.get_spec(name).defaults)
+  schema["model"].update(registry.get_spec(config.model.name).defaults)
   return schema
 
 
@@ -136,9 +137,6 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
     if not ok:
       problems.append(message)
 
-  name = config.model.name
-  check(name in registry.known_models(),
-        f"unknown model {name!r}; known models: {', '.join(registry.known_models())}")
   train, opt = config.train, config.optimizer
   for field in ("steps", "batch_size", "grad_accum_steps", "eval_every_steps",
                 "eval_batch_size", "log_every_steps"):
@@ -153,6 +151,7 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(opt.schedule in SCHEDULES,
         f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.schedule!r}")
   check(opt.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+  check(opt.decay_steps >= 0, f"optimizer.decay_steps must be >= 0, got {opt.decay_steps}")
   check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
   check(opt.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
   check(0 <= opt.momentum < 1, f"optimizer.momentum must be in [0, 1), got {opt.momentum}")
@@ -167,9 +166,8 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
         f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
   check(config.checkpoint.max_to_keep >= 1,
         f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}")
-  if name in registry.known_models():
-    for message in registry.get_spec(name).check(config.model):
-      problems.append(f"model: {message}")
+  for message in registry.get_spec(config.model.name).check(config.model):
+    problems.append(f"model: {message}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -181,6 +179,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: on unknown keys, wrong types or impossible values.
   """
+  name = config.get("model", {}).get("name")
+  if name not in registry.known_models():
+    # The model decides the schema of its section: report this alone.
+    raise ConfigError(f"invalid config: unknown model {name!r}; "
+                      f"known models: {', '.join(registry.known_models())}")
   problems: list[str] = []
   _compare(config.to_dict(), _schema(config), "", problems)
   if not problems:  # Value checks assume the structure is right.

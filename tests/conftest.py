@@ -5,10 +5,15 @@ XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 
 import os
 import pickle
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU compiles take seconds here; tests and the CLI subprocesses they start compile
+# the same small programs again and again, so share one persistent cache per test run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dsjax-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -64,6 +64,13 @@ def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
         f"workdir {workdir} holds checkpoints of a run with different {', '.join(changed)} "
         "settings; resuming would mix two experiments. Use a new --workdir, or restore the "
         f"original settings (see {saved_path})")
+  saved_steps = saved.get("train", {}).get("steps")
+  if (saved_steps != config.train.steps and config.optimizer.schedule == "cosine"
+      and not config.optimizer.decay_steps):
+    log.warning("train.steps changed from %s to %d and the cosine schedule follows "
+                "train.steps: from here the learning rate differs from a fresh %d-step run "
+                "(set optimizer.decay_steps to keep one schedule across extensions)",
+                saved_steps, config.train.steps, config.train.steps)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:

@@ -12,14 +12,15 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict,
 
   Args:
     opt_config: the `optimizer` config section.
-    total_steps: `train.steps`; the cosine schedule reaches 0 there.
+    total_steps: `train.steps`; the cosine schedule reaches 0 there unless
+      `decay_steps` is set.
 
   Returns:
     An optax schedule: linear warm-up over `warmup_steps` (if any), then constant or
     cosine decay over the remaining steps.
   """
   peak, warmup = opt_config.learning_rate, opt_config.warmup_steps
-  decay_steps = max(total_steps - warmup, 1)
+  decay_steps = max((opt_config.decay_steps or total_steps) - warmup, 1)
   if opt_config.schedule == "cosine":
     main = optax.cosine_decay_schedule(peak, decay_steps)
   else:

@@ -57,10 +57,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   Returns:
     A TrainState at step 0 with float32 params.
   """
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
-  variables = dict(variables)
-  params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=tx.init(params), rng=train_rng, apply_fn=model.apply, tx=tx)
+  def init(seed_key: jax.Array) -> TrainState:
+    init_rng, train_rng = jax.random.split(seed_key)
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    variables = dict(model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False))
+    params = variables.pop("params")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=tx.init(params), rng=train_rng, apply_fn=model.apply, tx=tx)
+
+  # One compiled program instead of hundreds of eagerly dispatched initialiser ops.
+  return jax.jit(init)(jax.random.PRNGKey(seed))

@@ -87,9 +87,9 @@ def make_train_step(grad_accum_steps: int,
         "loss": loss,
         "accuracy": accuracy,
         "learning_rate": learning_rate_fn(state.step),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(new_state.params),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new_state.params),
+        "update_norm": optax.tree.norm(updates),
     }
     return new_state, metrics
 

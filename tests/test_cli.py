@@ -1,0 +1,131 @@
+"""`dsjax-train` as a user runs it: outputs, resume after SIGKILL, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_checkpoint import assert_trees_equal, final_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = f"--config={REPO}/configs/digits_cnn.py:tiny"
+
+
+def run_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "dsjax.train", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_seed_style_command_writes_all_outputs(tmp_path):
+  result = run_cli("--model", "cnn-digits", "--precision", "fp32", "--batch-size", "32",
+                   "--gradient-accumulation", "2", "--steps", "4", "--workdir", str(tmp_path),
+                   "--config.train.log_every_steps=2", "--config.model.features=(4,8)")
+  assert result.returncode == 0, result.stderr
+  assert "final (4 steps): test_accuracy=" in result.stdout
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["train"]["batch_size"] == 32 and config["train"]["grad_accum_steps"] == 2
+  assert config["model"]["features"] == [4, 8]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4]
+  for key in ("loss", "accuracy", "learning_rate", "grad_norm", "examples_per_sec"):
+    assert all(key in r for r in records), key
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == 4 and 0 <= summary["eval_accuracy"] <= 1
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+  assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
+  args = ["--model", "cnn-digits", "--steps", "300", "--batch-size", "32",
+          "--config.checkpoint.every_steps=25", "--config.train.log_every_steps=25"]
+  straight = run_cli(*args, "--workdir", str(tmp_path / "straight"))
+  assert straight.returncode == 0, straight.stderr
+
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen([sys.executable, "-m", "dsjax.train", *args, "--workdir",
+                              str(workdir)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.01)
+  time.sleep(0.1)  # Somewhere between checkpoints, possibly inside a save.
+  assert process.poll() is None, "the run finished before it could be killed"
+  os.kill(process.pid, signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL
+  killed_at, _ = final_state(workdir)
+  assert 0 < killed_at < 300
+
+  resumed = run_cli(*args, "--workdir", str(workdir))
+  assert resumed.returncode == 0, resumed.stderr
+  step_a, state_a = final_state(tmp_path / "straight")
+  step_b, state_b = final_state(workdir)
+  assert step_a == step_b == 300
+  assert_trees_equal(state_a, state_b)
+
+
+def test_extending_steps_matches_a_longer_fresh_run(tmp_path):
+  """The issue's check: --steps N, then --steps 2N on the same workdir == fresh 2N run."""
+  common = [TINY, "--config.train.eval_every_steps=100", "--config.train.log_every_steps=3"]
+  assert run_cli(*common, "--steps", "3", "--workdir", str(tmp_path / "w")).returncode == 0
+  extended = run_cli(*common, "--steps", "6", "--workdir", str(tmp_path / "w"))
+  assert extended.returncode == 0, extended.stderr
+  fresh = run_cli(*common, "--steps", "6", "--workdir", str(tmp_path / "fresh"))
+  assert fresh.returncode == 0, fresh.stderr
+  assert_trees_equal(final_state(tmp_path / "w")[1], final_state(tmp_path / "fresh")[1])
+
+
+BAD_INPUTS = [
+    (["--model", "resnet-9000"], "unknown model 'resnet-9000'; known models: cnn-cifar10, "
+     "cnn-digits"),
+    ([TINY, "--config.train.stepz=3"],
+     "--config.train.stepz: the config has no key 'stepz' (did you mean 'steps'?)"),
+    ([TINY, "--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal"),
+    ([TINY, "--batch-size", "30", "--gradient-accumulation", "4"],
+     "train.batch_size=30 does not split into train.grad_accum_steps=4"),
+    ([TINY, "--precision", "fp8"], "flag --precision=fp8: value should be one of"),
+    ([TINY, "--steps", "0"], "train.steps must be >= 1, got 0"),
+    (["--config", "configs/no_such_file.py"], "config file configs/no_such_file.py not found"),
+    ([f"--config={REPO}/configs/digits_cnn.py:huge"], "unknown config variant 'huge'"),
+    ([f"--config={REPO}/configs/cifar10_cnn.py:tiny"], "cifar10 needs --config.data.data_dir"),
+    ([f"--config={REPO}/configs/cifar10_cnn.py:tiny", "--config.data.data_dir=/nonexistent"],
+     "/nonexistent"),
+    ([TINY, "--model", "cnn-cifar10"], "--model cnn-cifar10 differs from the config file's"),
+    ([TINY, "--no-such-flag=1"], "Unknown command line flag 'no-such-flag'"),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_bad_input_one_line_error(tmp_path, args, expected):
+  result = run_cli(*args, "--workdir", str(tmp_path / "w"))
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("dsjax-train: error: ") and expected in lines[0], lines[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_workdir_is_an_error():
+  result = run_cli(TINY)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("dsjax-train: error: --workdir is required: the folder for "
+                                   "checkpoints and logs (rerunning on the same folder resumes)")
+
+
+def test_corrupt_checkpoint_via_cli(tmp_path):
+  assert run_cli(TINY, "--workdir", str(tmp_path)).returncode == 0
+  for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  result = run_cli(TINY, "--steps", "4", "--workdir", str(tmp_path))
+  assert result.returncode == 2
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert "checkpoints/2 cannot be restored" in result.stderr
+  assert "left untouched" in result.stderr

@@ -1,0 +1,40 @@
+"""Every experiment file in configs/ builds, validates, and runs two steps in its tiny variant."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dsjax import config as config_lib
+from dsjax.train import train_and_evaluate
+
+CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("[!_]*.py"))
+
+
+def load(path: Path, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_there_are_configs():
+  assert {p.name for p in CONFIG_FILES} >= {"digits_cnn.py", "cifar10_cnn.py"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_config_validates(path, arg):
+  config_lib.validate(load(path, arg))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_tiny_variant_runs(path, tmp_path, make_cifar10):
+  config = load(path, "tiny")
+  if config.data.name == "cifar10":
+    make_cifar10(tmp_path / "data", rows_per_file=16)
+    config.data.data_dir = str(tmp_path / "data")
+  config.logging.progress_bar = False
+  summary = train_and_evaluate(config, tmp_path / "run")
+  assert summary["steps"] == config.train.steps
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
