@@ -1,16 +1,32 @@
-"""Precision presets: which dtype the model computes in.
+"""Precision: dtype policies, presets and loss scaling.
 
 Master weights and optimizer state stay float32 under every preset; only the forward
 and backward computation changes dtype. `mixed` is float16 compute where float16 is fast
 (GPUs) and bfloat16 elsewhere (TPUs, CPUs), where float16 is emulated or unsupported.
+Float16 compute needs a dynamic loss scale (see `loss_scale`); the other presets get a
+no-op one with the same interface.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-PRESETS = ("fp32", "bf16", "fp16", "mixed")
+from dsjax.precision.loss_scale import (
+    DynamicLossScale,
+    LossScale,
+    NoOpLossScale,
+    all_finite,
+    dynamic_loss_scale,
+    loss_scale_for,
+    select_tree,
+)
+from dsjax.precision.policy import PRESETS, Policy, get_policy, needs_loss_scaling, parse_policy
+
+__all__ = [
+    "PRESETS", "DynamicLossScale", "LossScale", "NoOpLossScale", "Policy", "all_finite",
+    "compute_dtype", "dynamic_loss_scale", "get_policy", "loss_scale_for",
+    "needs_loss_scaling", "parse_policy", "select_tree",
+]
 
 
 def compute_dtype(preset: str, platform: str | None = None) -> jnp.dtype:
@@ -25,7 +41,4 @@ def compute_dtype(preset: str, platform: str | None = None) -> jnp.dtype:
   """
   if preset not in PRESETS:
     raise ValueError(f"unknown precision {preset!r}; known: {', '.join(PRESETS)}")
-  platform = platform or jax.default_backend()
-  if preset == "mixed":
-    return jnp.dtype(jnp.float16 if platform == "gpu" else jnp.bfloat16)
-  return jnp.dtype({"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[preset])
+  return get_policy(preset, platform).compute_dtype
