@@ -63,7 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping.
 
   config.precision = ml_collections.ConfigDict()
+  # A preset (fp32, bf16, fp16, mixed) or a policy string such as "p=f32,c=f16,o=f32".
   config.precision.policy = "fp32"
+  # Dynamic loss scaling, used when the compute dtype is float16.
+  config.precision.loss_scale = ml_collections.ConfigDict()
+  config.precision.loss_scale.initial_scale = 2.0**15
+  config.precision.loss_scale.growth_interval = 2000
+  config.precision.loss_scale.growth_factor = 2.0
+  config.precision.loss_scale.backoff_factor = 0.5
+  config.precision.loss_scale.min_scale = 1.0
+  config.precision.loss_scale.max_scale = 2.0**24
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
@@ -157,9 +166,11 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(0 <= opt.momentum < 1, f"optimizer.momentum must be in [0, 1), got {opt.momentum}")
   check(opt.grad_clip_norm >= 0,
         f"optimizer.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm}")
-  check(config.precision.policy in precision.PRESETS,
-        f"precision.policy must be one of {', '.join(precision.PRESETS)}, "
-        f"got {config.precision.policy!r}")
+  try:
+    policy = precision.get_policy(config.precision.policy)
+    precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
+  except ConfigError as error:
+    problems.append(f"precision: {error}")
   check(0 <= config.data.val_fraction < 0.5,
         f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
   check(config.checkpoint.every_steps >= 1,

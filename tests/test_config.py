@@ -52,7 +52,9 @@ def test_wrong_types():
     ("train.batch_size", -4, "train.batch_size must be >= 1"),
     ("optimizer.learning_rate", 0.0, "optimizer.learning_rate must be > 0"),
     ("optimizer.name", "adagrad", "optimizer.name must be one of adamw, sgd, momentum"),
-    ("precision.policy", "fp8", "precision.policy must be one of fp32, bf16, fp16, mixed"),
+    ("precision.policy", "fp8", "precision policy 'fp8': 'fp8' is not key=dtype"),
+    ("precision.policy", "p=f32,c=f8", "precision policy 'p=f32,c=f8'"),
+    ("precision.loss_scale", {"min_scale": 0.0}, "min_scale"),
     ("data.val_fraction", 0.7, "data.val_fraction must be in [0, 0.5)"),
     ("model.dropout_rate", 1.0, "model: dropout_rate must be in [0, 1)"),
     ("model.name", "resnet-9000",
@@ -61,7 +63,10 @@ def test_wrong_types():
 def test_impossible_values(field, value, expected):
   config = _config()
   section, key = field.split(".")
-  config[section][key] = value
+  if isinstance(value, dict):
+    config[section][key].update(value)
+  else:
+    config[section][key] = value
   with pytest.raises(ConfigError, match="^invalid config: ") as info:
     config_lib.validate(config)
   assert expected in str(info.value)

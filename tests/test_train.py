@@ -105,3 +105,29 @@ def test_reduced_precision_step_tracks_fp32(preset):
   np.testing.assert_allclose(half["loss"], full["loss"], rtol=2e-2)
   np.testing.assert_allclose(half["grad_norm"], full["grad_norm"], rtol=5e-2)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_half.params))
+
+
+def test_nonfinite_step_is_skipped_and_scale_backs_off():
+  from dsjax import precision
+
+  state, batch, lr = _setup(batch_size=16, optimizer="adamw")
+  state = state.replace(loss_scale=precision.dynamic_loss_scale(2.0**15))
+  step_fn = jax.jit(make_train_step(2, lr))
+  image = batch["image"].copy()
+  image[3, 0, 0, 0] = np.inf
+  poisoned = dict(batch, image=image)
+  skipped, metrics = step_fn(state, poisoned, jax.random.PRNGKey(0))
+  assert_trees_bitwise_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert_trees_bitwise_equal(skipped.params, state.params)
+  assert_trees_bitwise_equal(skipped.opt_state, state.opt_state)
+  assert float(metrics["loss_scale"]) == 2.0**14 and int(metrics["skipped_steps"]) == 1
+  assert int(skipped.step) == 1
+  # The next finite step trains normally, with the same update the fp32 path makes at a
+  # no-op scale (scaling by a power of two and back is exact in float32).
+  updated, metrics = step_fn(skipped, batch, jax.random.PRNGKey(0))
+  reference, _ = step_fn(state.replace(loss_scale=precision.NoOpLossScale()), batch,
+                         jax.random.PRNGKey(0))
+  assert int(metrics["skipped_steps"]) == 1
+  for got, want in zip(jax.tree.leaves(updated.params), jax.tree.leaves(reference.params),
+                       strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)

@@ -90,10 +90,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   train_cfg = config.train
 
   dataset = data.get_dataset(config.data)
-  dtype = precision.compute_dtype(config.precision.policy)
-  model = models.get_spec(config.model.name).build(config.model, dataset.num_classes, dtype)
+  policy = precision.get_policy(config.precision.policy)
+  model = models.get_spec(config.model.name).build(config.model, dataset.num_classes,
+                                                   policy.compute_dtype)
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
-  state = create_train_state(model, tx, dataset.input_shape, config.seed)
+  loss_scale = precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
+  state = create_train_state(model, tx, dataset.input_shape, config.seed, loss_scale)
   train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
                                   seed=config.seed)
 

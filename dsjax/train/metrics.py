@@ -22,7 +22,9 @@ def to_python(value: Any) -> Any:
     return [to_python(item) for item in value]
   if isinstance(value, jax.Array | np.ndarray | np.generic):
     value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
+    value = value.item() if value.ndim == 0 else value.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # JSON has no inf/NaN; `skipped_steps` tells why a value is missing.
   return value
 
 

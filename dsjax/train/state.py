@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from dsjax import precision
+
 
 @struct.dataclass
 class TrainState:
@@ -23,6 +25,7 @@ class TrainState:
     opt_state: optax state.
     rng: root PRNG key (raw uint32); step `s` uses `fold_in(rng, s)`, so a resumed run
       draws the same randomness as an uninterrupted one.
+    loss_scale: a `precision.DynamicLossScale` (float16 compute) or `NoOpLossScale`.
     apply_fn: the model's apply function (static).
     tx: the optimizer (static).
   """
@@ -32,6 +35,7 @@ class TrainState:
   model_state: Any
   opt_state: optax.OptState
   rng: jax.Array
+  loss_scale: precision.LossScale
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
@@ -45,7 +49,8 @@ class TrainState:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape: tuple[int, ...], seed: int) -> TrainState:
+                       input_shape: tuple[int, ...], seed: int,
+                       loss_scale: precision.LossScale | None = None) -> TrainState:
   """Initialises a fresh train state.
 
   Args:
@@ -53,6 +58,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     tx: the weight optimizer.
     input_shape: the shape of one example (no batch dimension).
     seed: the run's seed; init and training keys both derive from it.
+    loss_scale: the loss scale to start from; a no-op one when None.
 
   Returns:
     A TrainState at step 0 with float32 params.
@@ -63,7 +69,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     variables = dict(model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False))
     params = variables.pop("params")
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=tx.init(params), rng=train_rng, apply_fn=model.apply, tx=tx)
+                      opt_state=tx.init(params), rng=train_rng,
+                      loss_scale=loss_scale or precision.NoOpLossScale(),
+                      apply_fn=model.apply, tx=tx)
 
   # One compiled program instead of hundreds of eagerly dispatched initialiser ops.
   return jax.jit(init)(jax.random.PRNGKey(seed))

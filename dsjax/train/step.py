@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsjax import precision
 from dsjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -45,16 +46,20 @@ def make_train_step(grad_accum_steps: int,
 
   Returns:
     `train_step(state, batch, rng) -> (state, metrics)`, to be jitted with the state
-    donated. Metrics: loss, accuracy, learning_rate, grad_norm, param_norm, update_norm.
+    donated. The loss is scaled by `state.loss_scale` before differentiation and the
+    gradients unscaled after; a step with non-finite gradients is skipped. Metrics: loss,
+    accuracy, learning_rate, grad_norm, param_norm, update_norm, loss_scale, skipped_steps.
   """
 
   def micro_step(state: TrainState, model_state: Any, micro_batch: Batch, rng: jax.Array):
     def loss_fn(params):
       loss, correct, new_model_state = _forward(state, params, model_state, micro_batch, rng,
                                                 train=True)
-      return loss.mean(), (correct.mean(), new_model_state)
+      loss = loss.mean()
+      return state.loss_scale.scale(loss), (loss, correct.mean(), new_model_state)
 
-    (loss, (accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    # Gradients of the scaled loss: float16 backward values stay above underflow.
+    (_, (loss, accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     return grads, loss, accuracy, model_state
 
@@ -82,7 +87,15 @@ def make_train_step(grad_accum_steps: int,
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
       loss, accuracy = loss_sum / grad_accum_steps, accuracy_sum / grad_accum_steps
 
-    new_state, updates = state.apply_gradients(grads, model_state)
+    grads = state.loss_scale.unscale(grads)
+    finite = precision.all_finite(grads)
+    updated, updates = state.apply_gradients(grads, model_state)
+    # A step with any inf/NaN gradient changes nothing but the step and the loss scale.
+    params, opt_state, model_state = precision.select_tree(
+        finite, (updated.params, updated.opt_state, updated.model_state),
+        (state.params, state.opt_state, state.model_state))
+    new_state = updated.replace(params=params, opt_state=opt_state, model_state=model_state,
+                                loss_scale=state.loss_scale.adjust(finite))
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
@@ -90,6 +103,8 @@ def make_train_step(grad_accum_steps: int,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(new_state.params),
         "update_norm": optax.tree.norm(updates),
+        "loss_scale": new_state.loss_scale.loss_scale,
+        "skipped_steps": new_state.loss_scale.skipped_steps,
     }
     return new_state, metrics
 
