@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dsjax import nn as dsnn
 from dsjax.models import registry
 
 
@@ -19,35 +20,40 @@ class CNN(nn.Module):
     dense_features: width of the hidden dense layer.
     num_classes: number of output logits.
     dropout_rate: dropout before the classifier, active in training only.
-    dtype: compute dtype; parameters are always float32 (master weights).
+    compute_dtype: compute dtype; parameters are always float32 (master weights).
+    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`); None: all layers in
+      `compute_dtype`.
   """
 
   features: Sequence[int]
   dense_features: int
   num_classes: int
   dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    x = images.astype(self.dtype)
+    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    x = images
     for stage, width in enumerate(self.features):
       for layer in range(2):
-        x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{stage}_{layer}")(x)
-        x = nn.relu(x)
+        x = nn.relu(dsnn.Conv(width, (3, 3), name=f"conv{stage}_{layer}", **precision)(x))
       if min(x.shape[-3:-1]) >= 2:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype, name="hidden")(x))
+    x = nn.relu(dsnn.Dense(self.dense_features, name="hidden", **precision)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+    logits = dsnn.Dense(self.num_classes, name="classifier", **precision)(x)
     # Losses and softmax are numerically sensitive: hand them float32 logits.
     return logits.astype(jnp.float32)
 
 
-def _build(model_config: Any, num_classes: int, dtype: Any) -> CNN:
+def _build(model_config: Any, num_classes: int, compute_dtype: Any,
+           plan: dsnn.PrecisionPlan | None = None) -> CNN:
   return CNN(features=tuple(model_config.features), dense_features=model_config.dense_features,
-             num_classes=num_classes, dropout_rate=model_config.dropout_rate, dtype=dtype)
+             num_classes=num_classes, dropout_rate=model_config.dropout_rate,
+             compute_dtype=compute_dtype, plan=plan)
 
 
 def _check(model_config: Any) -> list[str]:

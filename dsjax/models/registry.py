@@ -22,7 +22,8 @@ class ModelSpec:
 
   Attributes:
     name: the registry name, e.g. `cnn-digits`.
-    build: `(model_config, num_classes, dtype) -> flax.linen.Module`.
+    build: `(model_config, num_classes, compute_dtype, plan=None) -> flax.linen.Module`;
+      layers compute in `compute_dtype` unless the precision plan promotes them.
     defaults: the model's config fields and their defaults (the schema of `config.model`).
     dataset: the dataset it trains on by default (`config.data.name`).
     config_file: its experiment file in `configs/`, used when no `--config` is given.

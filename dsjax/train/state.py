@@ -67,7 +67,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     init_rng, train_rng = jax.random.split(seed_key)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     variables = dict(model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False))
-    params = variables.pop("params")
+    # Logical-axis boxes matter only when sharding; the state holds plain arrays.
+    params = nn.meta.unbox(variables.pop("params"))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                       opt_state=tx.init(params), rng=train_rng,
                       loss_scale=loss_scale or precision.NoOpLossScale(),

@@ -1,0 +1,23 @@
+"""Precision-plan-aware Flax layers, the precision plan, and a half-residual remat policy."""
+
+from dsjax.nn.layers import STATS, Conv, Dense, Embed, LayerNorm, MultiHeadAttention
+from dsjax.nn.plan import CHOICES, FP32, HALF, PrecisionPlan, layer_dtype, module_path
+from dsjax.nn.remat import HALF_DTYPES, remat, save_half_residuals
+
+__all__ = [
+    "CHOICES",
+    "FP32",
+    "HALF",
+    "HALF_DTYPES",
+    "STATS",
+    "Conv",
+    "Dense",
+    "Embed",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "PrecisionPlan",
+    "layer_dtype",
+    "module_path",
+    "remat",
+    "save_half_residuals",
+]

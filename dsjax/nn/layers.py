@@ -1,0 +1,317 @@
+"""Precision-plan-aware linen layers.
+
+Every layer holds float32 (or `param_dtype`) master parameters and computes in
+`layer_dtype(self, compute_dtype, plan)`: half precision unless the plan promotes its
+path to float32. Matmuls and convolutions accumulate in float32
+(`preferred_element_type`), biases are added in float32, and the result is rounded once
+to the layer dtype. Numerically sensitive reductions (LayerNorm statistics, softmax) are
+always float32, as in PyTorch AMP.
+
+Layers sow `max_abs` and `nonfinite` of their output into the "precision_stats"
+collection when it is mutable (not during init), for a precision controller to read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsjax.nn.plan import PrecisionPlan, layer_dtype
+
+Initializer = Callable[..., jax.Array]
+Axes = tuple[str | None, ...]
+STATS = "precision_stats"
+
+
+def _sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0) -> None:
+  # Skipped during init so `init` returns only parameters, not a stats collection the
+  # training state would then carry around.
+  if module.is_initializing() or not module.is_mutable_collection(STATS):
+    return
+  module.sow(STATS, "max_abs", jnp.max(jnp.abs(out.astype(jnp.float32))))
+  module.sow(STATS, "nonfinite", jnp.sum(~jnp.isfinite(out)))
+  # A compile-time constant: what share of the model's matmul work this layer's plan
+  # entry governs (the fp16_matmul_flops_fraction metric).
+  module.sow(STATS, "matmul_flops", jnp.asarray(float(matmul_flops), jnp.float32))
+
+
+def _features(features: int | Sequence[int]) -> tuple[int, ...]:
+  return (features,) if isinstance(features, int) else tuple(features)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel + bias over the last axis of x, with float32 accumulation.
+
+  Attributes:
+    features: output size, or a tuple of output sizes (kernel [in, *features]).
+    use_bias: whether to add a bias.
+    kernel_init: kernel initializer.
+    bias_init: bias initializer.
+    kernel_axes: logical axis names of the kernel, one per kernel dimension; the bias
+      takes `kernel_axes[1:]`. Names only: sharding needs a mesh and rules later.
+    compute_dtype: the run's half (or float32) compute dtype.
+    param_dtype: dtype of the stored parameters.
+    plan: precision plan; None means every layer computes in `compute_dtype`.
+  """
+
+  features: int | tuple[int, ...]
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  kernel_axes: Axes = (None, None)
+  compute_dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  plan: PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    features = _features(self.features)
+    if len(self.kernel_axes) != 1 + len(features):
+      raise ValueError(f"kernel_axes {self.kernel_axes} must name {1 + len(features)} kernel "
+                       f"dimensions (input, *features={features})")
+    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+
+    def kernel_init(rng: jax.Array, shape: tuple[int, ...], param_dtype: Any) -> jax.Array:
+      # Initialise as [in, prod(features)]: variance-scaling initialisers would otherwise
+      # take fan-in from shape[-2] (the heads axis of a [embed, heads, kv] kernel).
+      flat = self.kernel_init(rng, (shape[0], math.prod(shape[1:])), param_dtype)
+      return flat.reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, self.kernel_axes),
+                        (inputs.shape[-1], *features), self.param_dtype)
+    dims = (((inputs.ndim - 1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype), dims,
+                            preferred_element_type=jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[1:]),
+                        features, self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    y = y.astype(dtype)
+    _sow_stats(self, y, 2.0 * (inputs.size // inputs.shape[-1]) * kernel.size)
+    return y
+
+
+class Conv(nn.Module):
+  """2-D convolution on NHWC inputs with an HWIO kernel and float32 accumulation.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (height, width) of the kernel.
+    strides: an int, or (height, width) strides.
+    padding: "SAME", "VALID" or explicit [(lo, hi), (lo, hi)].
+    use_bias: whether to add a bias.
+    feature_group_count: channel groups; equal to the input channels for depthwise.
+    kernel_init: kernel initializer.
+    bias_init: bias initializer.
+    compute_dtype: the run's half (or float32) compute dtype.
+    param_dtype: dtype of the stored parameters.
+    plan: precision plan; None means every layer computes in `compute_dtype`.
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int | tuple[int, int] = 1
+  padding: str | Sequence[tuple[int, int]] = "SAME"
+  use_bias: bool = True
+  feature_group_count: int = 1
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  compute_dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  plan: PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    in_features = inputs.shape[-1]
+    if in_features % self.feature_group_count or self.features % self.feature_group_count:
+      raise ValueError(f"input ({in_features}) and output ({self.features}) channels must be "
+                       f"divisible by feature_group_count={self.feature_group_count}")
+    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
+    y = jax.lax.conv_general_dilated(
+        inputs.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count, preferred_element_type=jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    y = y.astype(dtype)
+    _sow_stats(self, y, 2.0 * (y.size // self.features) * kernel.size)
+    return y
+
+
+class Embed(nn.Module):
+  """A lookup table, with `attend` as the tied output projection.
+
+  Attributes:
+    num_embeddings: vocabulary size.
+    features: embedding width.
+    embedding_init: table initializer.
+    embedding_axes: logical axis names of the [vocab, features] table.
+    compute_dtype: the run's half (or float32) compute dtype.
+    param_dtype: dtype of the stored table.
+    plan: precision plan; None means every layer computes in `compute_dtype`.
+  """
+
+  num_embeddings: int
+  features: int
+  embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+  embedding_axes: Axes = (None, None)
+  compute_dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  plan: PrecisionPlan | None = None
+
+  def setup(self) -> None:
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, self.embedding_axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """Looks up integer `ids` [...]; returns [..., features] in the layer dtype."""
+    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    out = jnp.take(self.embedding, ids, axis=0).astype(dtype)
+    _sow_stats(self, out)
+    return out
+
+  def attend(self, query: jax.Array) -> jax.Array:
+    """Returns query [..., features] @ table.T: [..., num_embeddings] logits.
+
+    Args:
+      query: activations to score against every embedding.
+
+    Returns:
+      The logits in the layer dtype, accumulated in float32.
+    """
+    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dims = (((query.ndim - 1,), (1,)), ((), ()))
+    out = jax.lax.dot_general(query.astype(dtype), self.embedding.astype(dtype), dims,
+                              preferred_element_type=jnp.float32).astype(dtype)
+    _sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size)
+    return out
+
+
+class LayerNorm(nn.Module):
+  """Layer normalisation over the last axis, statistics always in float32.
+
+  Half-precision variance overflows for |x| ≳ 256 in float16 and is coarse in bfloat16,
+  so mean and variance are computed in float32 whatever the plan. The plan decides only
+  the output dtype: "fp32" keeps the normalised output in float32.
+
+  Attributes:
+    epsilon: added to the variance.
+    use_scale: whether to multiply by a learned scale (initialised to ones).
+    use_bias: whether to add a learned bias (initialised to zeros).
+    compute_dtype: the run's half (or float32) compute dtype.
+    param_dtype: dtype of the stored scale and bias.
+    plan: precision plan; None means every layer computes in `compute_dtype`.
+  """
+
+  epsilon: float = 1e-6
+  use_scale: bool = True
+  use_bias: bool = True
+  compute_dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  plan: PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    x = inputs.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    # Two-pass variance: E[x²] - E[x]² cancels catastrophically when |mean| >> std.
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    features = (inputs.shape[-1],)
+    if self.use_scale:
+      y = y * self.param("scale", nn.initializers.ones_init(), features,
+                         self.param_dtype).astype(jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), features,
+                         self.param_dtype).astype(jnp.float32)
+    y = y.astype(dtype)
+    _sow_stats(self, y)
+    return y
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with float32 softmax.
+
+  q, k, v and the output projection are `Dense` sub-layers named query, key, value and
+  out, each with its own plan entry ("<path>/query", ...). This module's own entry
+  decides the logits: produced in the layer dtype (half) unless promoted, in which case
+  they stay float32 end to end. The softmax itself always runs in float32.
+
+  Attributes:
+    num_heads: number of heads.
+    head_dim: width of each head.
+    dropout_rate: dropout on the attention weights (needs a "dropout" rng when active).
+    kernel_init: initializer of the four projection kernels.
+    compute_dtype: the run's half (or float32) compute dtype.
+    param_dtype: dtype of the stored parameters.
+    plan: precision plan; None means every layer computes in `compute_dtype`.
+  """
+
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  compute_dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  plan: PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
+               mask: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+    """Attends from `inputs_q` [batch, q, embed] to `inputs_kv` [batch, k, embed].
+
+    Args:
+      inputs_q: queries.
+      inputs_kv: keys/values; None for self-attention.
+      mask: [batch, 1 | heads, q, k]; boolean (True = attend) or additive (added to the
+        logits in float32).
+      deterministic: disables dropout.
+
+    Returns:
+      [batch, q, embed] in the dtype of the "out" projection (its own plan entry).
+    """
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    embed = inputs_q.shape[-1]
+
+    def project(name: str, x: jax.Array) -> jax.Array:
+      return Dense((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
+                   kernel_init=self.kernel_init, compute_dtype=self.compute_dtype,
+                   param_dtype=self.param_dtype, plan=self.plan, name=name)(x)
+
+    q = project("query", inputs_q)
+    k = project("key", inputs_kv)
+    v = project("value", inputs_kv)
+    q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32).astype(dtype)
+    # This layer's plan entry governs the logits: their range is what overflows in fp16.
+    # FLOPs: the logits and the weighted sum of values, 2 * b*h*q*k*d each.
+    _sow_stats(self, logits, 4.0 * logits.size * self.head_dim)
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+      if mask.dtype == jnp.bool_:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      else:
+        logits = logits + mask.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    if self.dropout_rate > 0.0 and not deterministic:
+      weights = nn.Dropout(self.dropout_rate, deterministic=False)(weights)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(dtype)
+    out = Dense(embed, kernel_axes=("heads", "embed"), kernel_init=self.kernel_init,
+                compute_dtype=self.compute_dtype, param_dtype=self.param_dtype, plan=self.plan,
+                name="out")(context.reshape(*context.shape[:2], -1))
+    return out

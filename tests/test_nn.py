@@ -1,0 +1,566 @@
+"""Tests of dsjax.nn: precision plans, policy-aware layers and the half-residual remat policy.
+
+References are plain numpy in float64 on the same parameters. Half-precision tolerances
+use the unit roundoff u (half the gap between 1 and the next number): bfloat16 keeps 8
+significant bits, u = 2^-8 ≈ 3.9e-3; float16 keeps 11, u = 2^-11 ≈ 4.9e-4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+
+import flax.linen as nn
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax.nn import (
+    Conv,
+    Dense,
+    Embed,
+    LayerNorm,
+    MultiHeadAttention,
+    PrecisionPlan,
+    remat,
+    save_half_residuals,
+)
+
+UNIT_ROUNDOFF = {jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}
+HALF = [jnp.bfloat16, jnp.float16]
+PROMOTE_ROOT = PrecisionPlan().promote("")  # a layer used as the root has path ""
+
+
+def _f64(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def _init(module, *args, seed=0, **kwargs):
+  """Variables with the structure `module.init` gives (boxes included), numpy-filled.
+
+  Filling from numpy rather than running the initialisers keeps this file fast: XLA:CPU
+  compiles `jax.random.normal` anew for every shape, in seconds. Biases and scales come
+  out nonzero too, so their handling is tested.
+  """
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), shapes)
+  return variables, jax.tree.map(_f64, nn.unbox(variables["params"]))
+
+
+def _apply(module, variables, *args, **kwargs):
+  """`module.apply` under jit: one XLA:CPU compile rather than one per eager op."""
+  return jax.jit(functools.partial(module.apply, **kwargs))(variables, *args)
+
+
+def _assert_half_close(out, ref, magnitude, dtype, roundings):
+  """|out - ref| <= roundings * u * magnitude, elementwise.
+
+  `magnitude` is the sum of |terms| behind each output (e.g. |x| @ |w| + |b|): each of
+  the `roundings` roundings to `dtype` on the path contributes at most u relative to it;
+  float32 accumulation (u = 2^-24) is negligible next to that.
+  """
+  bound = roundings * UNIT_ROUNDOFF[dtype] * magnitude + 1e-6
+  np.testing.assert_array_less(np.abs(_f64(out) - ref), bound)
+
+
+def _rand(shape, seed=0, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(0.0, scale, shape), jnp.float32)
+
+
+# ---------------------------------------------------------------- PrecisionPlan
+
+
+def test_plan_choices_and_immutability():
+  plan = PrecisionPlan()
+  assert plan.choice("a/b") == "half" and plan.promoted() == ()
+  promoted = plan.promote("enc/layer_1/attention").promote("enc/layer_0/mlp")
+  assert plan.promoted() == ()  # unchanged
+  assert promoted.promoted() == ("enc/layer_0/mlp", "enc/layer_1/attention")
+  assert promoted.choice("enc/layer_0/mlp") == "fp32"
+  assert promoted.choice("enc/layer_0/mlp/fc") == "half"  # exact paths, no inheritance
+  demoted = promoted.demote("enc/layer_0/mlp")
+  assert demoted.promoted() == ("enc/layer_1/attention",)
+  assert demoted.choice("enc/layer_0/mlp") == "half"
+  assert PrecisionPlan(default="fp32").choice("anything") == "fp32"
+
+
+def test_plan_hash_equality_and_validation():
+  a = PrecisionPlan((("x", "fp32"), ("y", "half")))
+  b = PrecisionPlan().demote("y").promote("x")
+  assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+  assert a != a.demote("x")
+  with pytest.raises(ValueError, match="precision choice"):
+    PrecisionPlan((("x", "bf16"),))
+  with pytest.raises(ValueError, match="precision choice"):
+    PrecisionPlan(default="float32")
+  with pytest.raises(ValueError, match="precision choice"):
+    PrecisionPlan.from_dict({"layers": {"x": "FP32"}})
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    a.default = "fp32"
+
+
+def test_plan_dict_round_trip_through_json():
+  plan = PrecisionPlan().promote("a/b").demote("c").promote("d")
+  data = json.loads(json.dumps(plan.to_dict()))
+  assert data == {"default": "half", "layers": {"a/b": "fp32", "c": "half", "d": "fp32"}}
+  assert PrecisionPlan.from_dict(data) == plan
+  assert PrecisionPlan.from_dict({}) == PrecisionPlan()
+
+
+def test_plan_as_static_field_shares_the_jit_cache():
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(model, variables, x):
+    return model.apply(variables, x)
+
+  x = _rand((2, 3))
+  first = Dense(4, compute_dtype=jnp.bfloat16, plan=PrecisionPlan().promote(""))
+  second = Dense(4, compute_dtype=jnp.bfloat16, plan=PrecisionPlan((("", "fp32"),)))
+  variables, _ = _init(first, x)
+  assert run(first, variables, x).dtype == jnp.float32
+  assert run(second, variables, x).dtype == jnp.float32
+  assert run._cache_size() == 1
+  assert run(Dense(4, compute_dtype=jnp.bfloat16, plan=PrecisionPlan()), variables,
+             x).dtype == jnp.bfloat16
+  assert run._cache_size() == 2
+
+
+# ---------------------------------------------------------------- Dense
+
+
+def test_dense_params_are_logically_partitioned_and_apply_plainly():
+  layer = Dense(6, kernel_axes=("embed", "mlp"))
+  variables = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+  kernel = variables["params"]["kernel"]
+  assert isinstance(kernel, nn.Partitioned) and kernel.names == ("embed", "mlp")
+  specs = nn.get_partition_spec(variables)["params"]
+  assert specs["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
+  assert specs["bias"] == jax.sharding.PartitionSpec("mlp")
+  boxed = layer.apply(variables, jnp.ones((2, 4)))  # no mesh, boxes as returned by init
+  plain = layer.apply(nn.unbox(variables), jnp.ones((2, 4)))
+  np.testing.assert_array_equal(boxed, plain)
+  with pytest.raises(ValueError, match="kernel_axes"):
+    Dense((2, 3)).init(jax.random.key(0), jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("features", [5, (2, 3)])
+def test_dense_float32_matches_numpy(features):
+  x = _rand((3, 7, 4))
+  layer = Dense(features, kernel_axes=(None,) * (2 if isinstance(features, int) else 3))
+  variables, p = _init(layer, x)
+  out = layer.apply(variables, x)
+  ref = np.tensordot(_f64(x), p["kernel"], axes=1) + p["bias"]
+  assert out.dtype == jnp.float32 and out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_dense_half_matches_numpy(dtype):
+  x = _rand((8, 32))
+  layer = Dense(16, compute_dtype=dtype)
+  variables, p = _init(layer, x)
+  out = layer.apply(variables, x)
+  assert out.dtype == dtype and variables["params"]["kernel"].value.dtype == jnp.float32
+  ref = _f64(x) @ p["kernel"] + p["bias"]
+  # x and kernel rounded once each, the output once: three roundings.
+  _assert_half_close(out, ref, np.abs(_f64(x)) @ np.abs(p["kernel"]) + np.abs(p["bias"]),
+                     dtype, roundings=3)
+  promoted = Dense(16, compute_dtype=dtype,
+                   plan=PROMOTE_ROOT).apply(variables, x)
+  assert promoted.dtype == jnp.float32
+  np.testing.assert_allclose(promoted, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- Conv
+
+
+def _np_conv(x, w, stride, padding, groups):
+  """Direct NHWC/HWIO convolution in float64, "SAME" padding as XLA defines it."""
+  n, h, wd, _ = x.shape
+  kh, kw, cin_g, cout = w.shape
+  pads = []
+  for size, k in ((h, kh), (wd, kw)):
+    if padding == "SAME":
+      total = max((-(-size // stride) - 1) * stride + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+    else:
+      pads.append((0, 0))
+  xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+  oh = (xp.shape[1] - kh) // stride + 1
+  ow = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((n, oh, ow, cout))
+  cout_g = cout // groups
+  for g in range(groups):
+    xs = xp[..., g * cin_g:(g + 1) * cin_g]
+    for i in range(kh):
+      for j in range(kw):
+        patch = xs[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :]
+        out[..., g * cout_g:(g + 1) * cout_g] += patch @ w[i, j, :, g * cout_g:(g + 1) * cout_g]
+  return out
+
+
+CONV_CASES = [  # (features, kernel, stride, padding, groups)
+    (6, (3, 3), 1, "SAME", 1),
+    (6, (3, 3), 2, "SAME", 1),
+    (5, (2, 3), 2, "VALID", 1),
+    (8, (3, 3), 1, "SAME", 4),  # depthwise, channel multiplier 2
+    (4, (3, 3), 2, "SAME", 4),  # depthwise, strided
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, *HALF])
+@pytest.mark.parametrize("features,kernel,stride,padding,groups", CONV_CASES)
+def test_conv_matches_numpy(dtype, features, kernel, stride, padding, groups):
+  x = _rand((2, 7, 8, 4))
+  layer = Conv(features, kernel, strides=stride, padding=padding, feature_group_count=groups,
+               compute_dtype=dtype)
+  variables, p = _init(layer, x)
+  out = layer.apply(variables, x)
+  ref = _np_conv(_f64(x), p["kernel"], stride, padding, groups) + p["bias"]
+  assert out.dtype == dtype and out.shape == ref.shape
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  else:
+    magnitude = _np_conv(np.abs(_f64(x)), np.abs(p["kernel"]), stride, padding,
+                         groups) + np.abs(p["bias"])
+    _assert_half_close(out, ref, magnitude, dtype, roundings=3)
+
+
+# ---------------------------------------------------------------- Embed
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, *HALF])
+def test_embed_lookup_and_attend(dtype):
+  ids = jnp.array([[0, 3, 9], [2, 2, 5]])
+  layer = Embed(10, 6, compute_dtype=dtype)
+  variables, p = _init(layer, ids)
+  table = p["embedding"]
+  out = layer.apply(variables, ids)
+  assert out.dtype == dtype
+  # A lookup is one rounding of the stored value, i.e. exactly the rounded table row.
+  np.testing.assert_array_equal(out, jnp.asarray(table[np.asarray(ids)], dtype))
+  query = _rand((2, 3, 6), seed=1)
+  logits = layer.apply(variables, query, method=Embed.attend)
+  ref = _f64(query) @ table.T
+  assert logits.dtype == dtype and logits.shape == (2, 3, 10)
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+  else:
+    _assert_half_close(logits, ref, np.abs(_f64(query)) @ np.abs(table).T, dtype, roundings=3)
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+
+def _np_layer_norm(x, scale, bias, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _layer_norm_variables(features, seed=2):
+  rng = np.random.default_rng(seed)
+  return {"params": {"scale": jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
+                     "bias": jnp.asarray(rng.normal(0.0, 1.0, features), jnp.float32)}}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, *HALF])
+def test_layer_norm_matches_numpy(dtype):
+  x = _rand((4, 5, 16), scale=3.0) + 1.0
+  variables = _layer_norm_variables(16)
+  out = LayerNorm(compute_dtype=dtype).apply(variables, x)
+  ref = _np_layer_norm(_f64(x), _f64(variables["params"]["scale"]),
+                       _f64(variables["params"]["bias"]))
+  assert out.dtype == dtype
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  else:
+    # The input is float32 and the statistics are float32: only the output is rounded.
+    _assert_half_close(out, ref, np.abs(ref), dtype, roundings=1)
+
+
+def test_layer_norm_statistics_are_float32_even_when_fp16_would_overflow():
+  signs = np.where(np.arange(64) % 2 == 0, 1.0, -1.0)
+  x = jnp.asarray(300.0 * signs + np.random.default_rng(0).normal(0, 5, (3, 64)), jnp.float16)
+  # Proof the input is hostile: a float16 variance overflows (300² = 9e4 > 65504).
+  centered = x - jnp.mean(x, -1, keepdims=True)
+  assert not np.isfinite(np.asarray(jnp.mean(centered * centered, -1))).all()
+  variables = _layer_norm_variables(64)
+  ref = _np_layer_norm(_f64(x), _f64(variables["params"]["scale"]),
+                       _f64(variables["params"]["bias"]))
+  out = LayerNorm(compute_dtype=jnp.float16).apply(variables, x)
+  assert out.dtype == jnp.float16 and np.isfinite(np.asarray(out, np.float32)).all()
+  _assert_half_close(out, ref, np.abs(ref), jnp.float16, roundings=1)
+  # Promoted, the output stays float32 as well: float32-tight.
+  out32 = LayerNorm(compute_dtype=jnp.float16, plan=PROMOTE_ROOT).apply(variables, x)
+  assert out32.dtype == jnp.float32
+  np.testing.assert_allclose(out32, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- MultiHeadAttention
+
+
+def _np_softmax(logits):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_mha(p, xq, xkv, mask, head_dim):
+  def project(name, x):
+    return np.einsum("bte,ehd->bthd", x, p[name]["kernel"]) + p[name]["bias"]
+
+  q, k, v = project("query", xq), project("key", xkv), project("value", xkv)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+  if mask is not None:
+    mask = np.asarray(mask)
+    logits = np.where(mask, logits, -np.inf) if mask.dtype == bool else logits + mask
+  context = np.einsum("bhqk,bkhd->bqhd", _np_softmax(logits), v)
+  return context.reshape(*context.shape[:2], -1) @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def _mha_inputs(kind):
+  xq = _rand((2, 5, 8), seed=1)
+  if kind == "cross":
+    return xq, _rand((2, 7, 8), seed=2), None
+  if kind == "causal_bool":
+    return xq, None, jnp.tril(jnp.ones((5, 5), bool))[None, None].repeat(2, 0)
+  additive = jnp.asarray(np.random.default_rng(3).normal(0, 2, (2, 2, 5, 5)), jnp.float32)
+  return xq, None, additive  # [batch, heads, q, k]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, *HALF])
+@pytest.mark.parametrize("kind", ["cross", "causal_bool", "additive"])
+def test_attention_matches_numpy(dtype, kind):
+  xq, xkv, mask = _mha_inputs(kind)
+  layer = MultiHeadAttention(num_heads=2, head_dim=4, compute_dtype=dtype)
+  variables, p = _init(layer, xq, xkv, mask)
+  out = _apply(layer, variables, xq, xkv, mask)
+  ref = _np_mha(p, _f64(xq), _f64(xq if xkv is None else xkv), mask, head_dim=4)
+  assert out.dtype == dtype and out.shape == ref.shape
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  else:
+    # About ten roundings lie on the path (inputs, three projections, logits, weights,
+    # context, out projection), each at most u relative to values of the output's scale,
+    # and they partly cancel (about 1.4u observed): 8u of the output scale bounds it with
+    # room while an O(1) bug would not fit.
+    scale = np.abs(ref).max()
+    np.testing.assert_array_less(np.abs(_f64(out) - ref), 8 * UNIT_ROUNDOFF[dtype] * scale)
+
+
+def _walk_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):
+          yield from _walk_eqns(sub)
+
+
+def test_attention_softmax_runs_in_float32():
+  # 70000 keys with equal logits: a float16 softmax's normaliser (70000) overflows
+  # float16's 65504, so every weight would be 0. The key kernel is zero and its bias
+  # large, so the logits are large (hundreds) and equal whatever the key.
+  num_keys = 70000
+  xq, xkv = _rand((1, 2, 8), seed=1), _rand((1, num_keys, 8), seed=2)
+  layer = MultiHeadAttention(num_heads=1, head_dim=8, compute_dtype=jnp.float16)
+  variables, p = _init(layer, xq, xkv)
+  params = nn.unbox(variables["params"])
+  params["key"] = {"kernel": jnp.zeros_like(params["key"]["kernel"]),
+                   "bias": jnp.full_like(params["key"]["bias"], 30.0)}
+  p["key"] = jax.tree.map(_f64, params["key"])
+  logits = jnp.full((num_keys,), 500.0, jnp.float16)
+  assert not np.asarray(jax.nn.softmax(logits)).any()  # the failure being guarded against
+  out = _apply(layer, {"params": params}, xq, xkv)
+  ref = _np_mha(p, _f64(xq), _f64(xkv), None, head_dim=8)
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+  # Weights 1/70000 are float16 subnormals, spaced 2^-24: 0.2% relative error, plus the
+  # usual float16 roundings; 1% of the output scale bounds it.
+  np.testing.assert_array_less(np.abs(_f64(out) - ref), 1e-2 * np.abs(ref).max())
+  # And structurally: every exp in the program takes float32.
+  jaxpr = jax.make_jaxpr(lambda v: _apply(layer, v, xq, xkv))({"params": params})
+  exps = [e for e in _walk_eqns(jaxpr.jaxpr) if e.primitive.name == "exp"]
+  assert exps and all(e.invars[0].aval.dtype == jnp.float32 for e in exps)
+
+
+def _identity_attention_params(embed):
+  eye = jnp.eye(embed, dtype=jnp.float32)
+  proj = {"kernel": eye.reshape(embed, 1, embed), "bias": jnp.zeros((1, embed))}
+  return {"query": proj, "key": proj, "value": proj,
+          "out": {"kernel": eye, "bias": jnp.zeros((embed,))}}
+
+
+def test_promoted_attention_keeps_logits_float32():
+  # Identity projections and inputs near 200: logits = 4 * 200² / sqrt(4) = 8e4 > 65504,
+  # infinite in float16. Integer inputs keep every projection exact in float16.
+  x = jnp.asarray(200.0 + np.random.default_rng(0).integers(-2, 3, (1, 3, 4)), jnp.float16)
+  params = _identity_attention_params(4)
+  half = MultiHeadAttention(num_heads=1, head_dim=4, compute_dtype=jnp.float16)
+  out, stats = _apply(half, {"params": params}, x, mutable=["precision_stats"])
+  assert not np.isfinite(np.asarray(out, np.float32)).all()
+  assert stats["precision_stats"]["nonfinite"][0] > 0
+  promoted = half.clone(plan=PROMOTE_ROOT)
+  out = _apply(promoted, {"params": params}, x)
+  assert out.dtype == jnp.float16  # the "out" projection is still half
+  ref = _np_mha(jax.tree.map(_f64, params), _f64(x), _f64(x), None, head_dim=4)
+  _assert_half_close(out, ref, np.abs(ref), jnp.float16, roundings=3)
+
+
+def test_attention_dropout():
+  x = _rand((2, 5, 8))
+  layer = MultiHeadAttention(num_heads=2, head_dim=4, dropout_rate=0.5)
+  variables, _ = _init(layer, x)
+  rngs = {"dropout": jax.random.key(1)}
+  det = _apply(layer, variables, x, deterministic=True, rngs=rngs)
+  np.testing.assert_array_equal(det, _apply(layer, variables, x))
+  dropped = _apply(layer, variables, x, deterministic=False, rngs=rngs)
+  assert np.isfinite(np.asarray(dropped)).all() and not np.allclose(dropped, det)
+
+
+# ---------------------------------------------------------------- plans, paths, stats
+
+
+class _Block(nn.Module):
+  compute_dtype: object = jnp.bfloat16
+  plan: PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, ids, image):
+    kw = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    out = {"embed": Embed(11, 8, name="embed", **kw)(ids)}
+    out["ln"] = LayerNorm(name="ln", **kw)(out["embed"])
+    out["attn"] = MultiHeadAttention(2, 4, name="attn", **kw)(out["ln"])
+    out["fc"] = Dense(8, name="fc", **kw)(out["attn"])
+    out["conv"] = Conv(3, (3, 3), name="conv", **kw)(image)
+    return out
+
+
+class _Model(nn.Module):
+  plan: PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, ids, image):
+    return _Block(plan=self.plan, name="block")(ids, image)
+
+
+LAYER_NAMES = ("embed", "ln", "attn", "fc", "conv")
+IDS = jnp.array([[1, 2, 3], [4, 5, 10]])
+IMAGE = _rand((2, 6, 6, 2))
+
+
+def test_output_dtypes_follow_the_plan_by_path():
+  variables, _ = _init(_Model(), IDS, IMAGE)
+  assert set(variables) == {"params"}  # init does not sow statistics
+
+  def dtypes(plan):  # abstract evaluation: dtypes without compiling anything
+    outs = jax.eval_shape(_Model(plan).apply, variables, IDS, IMAGE)
+    return {k: v.dtype for k, v in outs.items()}
+
+  for plan in (None, PrecisionPlan()):
+    assert dtypes(plan) == dict.fromkeys(LAYER_NAMES, jnp.bfloat16)
+  for name in LAYER_NAMES:
+    # The attention's output is its "out" projection's; promote both for float32.
+    paths = [f"block/{name}", f"block/{name}/out"] if name == "attn" else [f"block/{name}"]
+    expected = {k: jnp.float32 if k == name else jnp.bfloat16 for k in LAYER_NAMES}
+    assert dtypes(PrecisionPlan(tuple((path, "fp32") for path in paths))) == expected, name
+  # Paths are absolute: "fc" is not "block/fc".
+  assert dtypes(PrecisionPlan().promote("fc"))["fc"] == jnp.bfloat16
+  # Promoting the attention alone keeps its output (the "out" projection's) half.
+  assert dtypes(PrecisionPlan().promote("block/attn"))["attn"] == jnp.bfloat16
+
+
+def test_precision_stats_only_when_mutable():
+  variables, _ = _init(_Model(), IDS, IMAGE)
+  outs = jax.eval_shape(_Model().apply, variables, IDS, IMAGE)  # immutable: sow is a no-op
+  assert isinstance(outs, dict) and set(outs) == set(LAYER_NAMES)
+  _, state = jax.eval_shape(functools.partial(_Model().apply, mutable=["intermediates"]),
+                            variables, IDS, IMAGE)
+  assert "precision_stats" not in state
+  outs, state = _apply(_Model(), variables, IDS, IMAGE, mutable=["precision_stats"])
+  stats = state["precision_stats"]["block"]
+  assert set(stats) == set(LAYER_NAMES)
+  assert set(stats["attn"]) == {"query", "key", "value", "out", "max_abs", "nonfinite",
+                                "matmul_flops"}
+  for name in LAYER_NAMES:
+    (max_abs,), (nonfinite,) = stats[name]["max_abs"], stats[name]["nonfinite"]
+    assert max_abs.dtype == jnp.float32 and nonfinite == 0
+    if name != "attn":  # The attention's own entry reports its logits, not its output.
+      assert max_abs == jnp.max(jnp.abs(outs[name].astype(jnp.float32)))
+  # Matmul FLOPs of a Dense: 2 * rows * in * out.
+  (flops,) = stats["attn"]["out"]["matmul_flops"]
+  kernel = variables["params"]["block"]["attn"]["out"]["kernel"]
+  kernel = getattr(kernel, "value", kernel)
+  rows = outs["attn"].size // outs["attn"].shape[-1]
+  assert flops == 2.0 * rows * kernel.size
+
+
+# ---------------------------------------------------------------- remat
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(Dense(32, compute_dtype=jnp.bfloat16, name="fc1")(x))
+    h = LayerNorm(compute_dtype=jnp.bfloat16, name="ln")(h)
+    return Dense(8, compute_dtype=jnp.bfloat16, name="fc2")(h)
+
+
+class _Net(nn.Module):
+  use_remat: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return (remat(_MLP) if self.use_remat else _MLP)(name="mlp")(x)
+
+
+def _saved_residual_dtypes(fn, *args):
+  """(dtype, description) of what the backward pass keeps, per print_saved_residuals."""
+  buffer = io.StringIO()
+  with contextlib.redirect_stdout(buffer):
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  return [(line.split("[")[0], line) for line in buffer.getvalue().splitlines()]
+
+
+def test_remat_saves_only_half_residuals_and_keeps_gradients():
+  x = _rand((4, 16))
+  variables, _ = _init(_Net(False), x)
+  loss = {r: (lambda v, x, r=r: _Net(r).apply(v, x).astype(jnp.float32).sum())
+          for r in (False, True)}
+  plain, rematted = (jax.jit(jax.grad(loss[r]))(variables, x) for r in (False, True))
+  # Not bitwise: XLA:CPU emulates bfloat16 arithmetic in float32 and skips roundings
+  # inside a fusion, and the remat program fuses differently. They agree to about one
+  # bfloat16 rounding of the gradient's scale; a remat bug would be O(1) off.
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted), strict=True):
+    np.testing.assert_array_less(np.abs(_f64(a) - _f64(b)),
+                                 2 * UNIT_ROUNDOFF[jnp.bfloat16] * np.abs(_f64(a)).max())
+  without = _saved_residual_dtypes(loss[False], variables, x)
+  assert any(dtype == "f32" and "output of" in line for dtype, line in without)
+  # Arguments (parameters, inputs) and constants are available to the backward pass
+  # anyway; every value the forward pass computed and the remat kept must be half.
+  computed = [(d, line) for d, line in _saved_residual_dtypes(loss[True], variables, x)
+              if "output of" in line]
+  assert computed and all(d in ("bf16", "f16") for d, _ in computed), computed
+
+
+def test_policy_decides_by_output_dtype():
+  def mixed(x, key):
+    h = jax.lax.dot_general(x, x.T, (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)  # half in, f32 out
+    keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, h.shape)  # keys, bools
+    return jnp.where(keep, h.astype(jnp.bfloat16) * 2, 0).astype(jnp.float32).sum()
+
+  jaxpr = jax.make_jaxpr(mixed)(jnp.ones((4, 4), jnp.bfloat16), jax.random.key(0))
+  decisions = {}
+  for eqn in _walk_eqns(jaxpr.jaxpr):
+    saved = save_half_residuals(eqn.primitive, *(v.aval for v in eqn.invars), **eqn.params)
+    half = all(getattr(v.aval, "dtype", None) in (jnp.bfloat16, jnp.float16)
+               for v in eqn.outvars)
+    assert saved == half, eqn
+    decisions[saved] = decisions.get(saved, 0) + 1
+  assert decisions[True] and decisions[False]  # both kinds were seen
