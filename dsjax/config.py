@@ -73,6 +73,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.precision.loss_scale.backoff_factor = 0.5
   config.precision.loss_scale.min_scale = 1.0
   config.precision.loss_scale.max_scale = 2.0**24
+  # Adaptive per-layer precision (dsjax.precision.adaptive). None: on for `mixed` only;
+  # False pins the plan (every layer in the compute dtype); True forces it on.
+  config.precision.adaptive = ml_collections.config_dict.placeholder(bool)
+  config.precision.controller = ml_collections.ConfigDict()
+  config.precision.controller.check_every_steps = 10
+  config.precision.controller.error_check_every_steps = 100
+  config.precision.controller.overflow_fraction = 0.5
+  config.precision.controller.error_tolerance = 0.05
+  config.precision.controller.demote_fraction = 0.25
+  config.precision.controller.stable_checks = 10
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
@@ -166,6 +176,17 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(0 <= opt.momentum < 1, f"optimizer.momentum must be in [0, 1), got {opt.momentum}")
   check(opt.grad_clip_norm >= 0,
         f"optimizer.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm}")
+  knobs = config.precision.controller
+  for field in ("check_every_steps", "error_check_every_steps", "stable_checks"):
+    check(knobs[field] >= 1, f"precision.controller.{field} must be >= 1, got {knobs[field]}")
+  for field in ("overflow_fraction", "demote_fraction"):
+    check(0 < knobs[field] <= 1,
+          f"precision.controller.{field} must be in (0, 1], got {knobs[field]}")
+  check(knobs.demote_fraction <= knobs.overflow_fraction,
+        "precision.controller.demote_fraction must not exceed overflow_fraction "
+        "(a demoted layer would be promoted again at once)")
+  check(knobs.error_tolerance > 0,
+        f"precision.controller.error_tolerance must be > 0, got {knobs.error_tolerance}")
   try:
     policy = precision.get_policy(config.precision.policy)
     precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())

@@ -486,7 +486,7 @@ def test_precision_stats_only_when_mutable():
   stats = state["precision_stats"]["block"]
   assert set(stats) == set(LAYER_NAMES)
   assert set(stats["attn"]) == {"query", "key", "value", "out", "max_abs", "nonfinite",
-                                "matmul_flops"}
+                                "input_nonfinite", "matmul_flops"}
   for name in LAYER_NAMES:
     (max_abs,), (nonfinite,) = stats[name]["max_abs"], stats[name]["nonfinite"]
     assert max_abs.dtype == jnp.float32 and nonfinite == 0

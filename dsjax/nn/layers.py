@@ -28,13 +28,18 @@ Axes = tuple[str | None, ...]
 STATS = "precision_stats"
 
 
-def _sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0) -> None:
+def _sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
+               inputs: Sequence[jax.Array] = ()) -> None:
   # Skipped during init so `init` returns only parameters, not a stats collection the
   # training state would then carry around.
   if module.is_initializing() or not module.is_mutable_collection(STATS):
     return
   module.sow(STATS, "max_abs", jnp.max(jnp.abs(out.astype(jnp.float32))))
   module.sow(STATS, "nonfinite", jnp.sum(~jnp.isfinite(out)))
+  # Non-finite values propagate: a layer whose inputs were already non-finite did not
+  # overflow itself, and promoting it would not help.
+  module.sow(STATS, "input_nonfinite",
+             sum((jnp.sum(~jnp.isfinite(x)) for x in inputs), jnp.zeros((), jnp.int32)))
   # A compile-time constant: what share of the model's matmul work this layer's plan
   # entry governs (the fp16_matmul_flops_fraction metric).
   module.sow(STATS, "matmul_flops", jnp.asarray(float(matmul_flops), jnp.float32))
@@ -92,7 +97,7 @@ class Dense(nn.Module):
                         features, self.param_dtype)
       y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y, 2.0 * (inputs.size // inputs.shape[-1]) * kernel.size)
+    _sow_stats(self, y, 2.0 * (inputs.size // inputs.shape[-1]) * kernel.size, [inputs])
     return y
 
 
@@ -144,7 +149,7 @@ class Conv(nn.Module):
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y, 2.0 * (y.size // self.features) * kernel.size)
+    _sow_stats(self, y, 2.0 * (y.size // self.features) * kernel.size, [inputs])
     return y
 
 
@@ -194,7 +199,7 @@ class Embed(nn.Module):
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     out = jax.lax.dot_general(query.astype(dtype), self.embedding.astype(dtype), dims,
                               preferred_element_type=jnp.float32).astype(dtype)
-    _sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size)
+    _sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size, [query])
     return out
 
 
@@ -237,7 +242,7 @@ class LayerNorm(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros_init(), features,
                          self.param_dtype).astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y)
+    _sow_stats(self, y, inputs=[inputs])
     return y
 
 
@@ -299,7 +304,7 @@ class MultiHeadAttention(nn.Module):
                         preferred_element_type=jnp.float32).astype(dtype)
     # This layer's plan entry governs the logits: their range is what overflows in fp16.
     # FLOPs: the logits and the weighted sum of values, 2 * b*h*q*k*d each.
-    _sow_stats(self, logits, 4.0 * logits.size * self.head_dim)
+    _sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [q, k])
     logits = logits.astype(jnp.float32)
     if mask is not None:
       if mask.dtype == jnp.bool_:

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state and the data position.
+"""Orbax checkpoints of the train state and the host-side state (data position, plan).
 
 Writes are atomic: orbax writes each step into a temporary folder and renames it when
 complete, so a run killed at any moment leaves only whole checkpoints behind (and the
@@ -21,7 +21,10 @@ from dsjax.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 class Checkpointer:
-  """Saves and restores `(train_state, data_state)` pairs by step.
+  """Saves and restores `(train_state, host_state)` pairs by step.
+
+  The host state is a JSON-serialisable dict: the data iterator's position and the
+  precision controller's plan.
 
   Args:
     directory: where step folders live (`<workdir>/checkpoints`).
@@ -39,7 +42,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                            item_names=("state", "data"))
+                                            item_names=("state", "host"))
     except Exception as error:  # noqa: BLE001 - any orbax failure is reported the same way.
       raise CheckpointError(f"cannot open checkpoints in {self.directory}: "
                             f"{_first_line(error)}") from error
@@ -48,12 +51,12 @@ class Checkpointer:
     """Returns the newest complete checkpoint's step, or None if there is none."""
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, host_state: dict[str, Any]) -> None:
     """Saves the state at `step` (atomic; a step already saved is left as it is)."""
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the checkpoint at `step` into the structure, shapes and dtypes of `target`.
@@ -63,7 +66,7 @@ class Checkpointer:
       target: a train state (or its `jax.eval_shape`) the checkpoint must match.
 
     Returns:
-      `(state, data_state)`.
+      `(state, host_state)`.
 
     Raises:
       CheckpointError: the checkpoint is corrupt, incomplete or does not match `target`.
@@ -72,8 +75,8 @@ class Checkpointer:
     folder = self.directory / str(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-      state, data_state = restored["state"], restored["data"]
+          state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+      state, host_state = restored["state"], restored["host"]
       _check_match(state, abstract)
     except CheckpointError:
       raise
@@ -83,7 +86,7 @@ class Checkpointer:
           "was written by a different model/config. It was left untouched: move it aside to "
           "resume from an earlier checkpoint, or use a new --workdir") from error
     log.info("restored checkpoint %s", folder)
-    return state, data_state
+    return state, host_state
 
   def wait(self) -> None:
     """Blocks until any background save is on disk."""

@@ -16,7 +16,7 @@ import tqdm
 from dsjax import data, models, precision
 from dsjax.config import validate
 from dsjax.errors import CheckpointError
-from dsjax.train import checkpoint, metrics, optim, step
+from dsjax.train import checkpoint, metrics, optim, precision_plan, step
 from dsjax.train.state import TrainState, create_train_state
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   dataset = data.get_dataset(config.data)
   policy = precision.get_policy(config.precision.policy)
-  model = models.get_spec(config.model.name).build(config.model, dataset.num_classes,
-                                                   policy.compute_dtype)
+  spec = models.get_spec(config.model.name)
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
+  plans = precision_plan.PlanRuntime(
+      config.precision,
+      lambda plan, dtype: spec.build(config.model, dataset.num_classes, dtype, plan),
+      lambda collect_stats: step.make_train_step(train_cfg.grad_accum_steps, learning_rate_fn,
+                                                 collect_stats=collect_stats))
   loss_scale = precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
-  state = create_train_state(model, tx, dataset.input_shape, config.seed, loss_scale)
+  state = create_train_state(plans.model(), tx, dataset.input_shape, config.seed, loss_scale)
   train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
                                   seed=config.seed)
 
@@ -105,20 +109,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   latest = checkpointer.latest_step()
   if latest is not None:
     _check_resumable(workdir, config)
-    state, data_state = checkpointer.restore(latest, state)
-    train_iter.set_state(data_state)
+    state, host_state = checkpointer.restore(latest, state)
+    train_iter.set_state(host_state["data"])
+    plans.load_state_dict(host_state.get("precision"))
+    state = plans.bind(state)
     log.info("resuming from step %d", latest)
   start_step = int(state.step)
   metrics.write_json(workdir / "config.json", json.loads(config.to_json()))
   writer = metrics.MetricWriter(workdir, tensorboard=config.logging.tensorboard,
                                 resume_step=start_step)
 
-  train_step = jax.jit(step.make_train_step(train_cfg.grad_accum_steps, learning_rate_fn),
-                       donate_argnums=(0,))
   eval_fn = jax.jit(step.eval_step)
   compile_start = time.perf_counter()
   if start_step < train_cfg.steps:
-    train_step = train_step.lower(state, train_iter.batch(start_step), state.rng).compile()
+    plans.compile(state, train_iter.batch(start_step), state.rng)
   compile_time = time.perf_counter() - compile_start
 
   progress = tqdm.tqdm(total=train_cfg.steps, initial=start_step, unit="step",
@@ -127,14 +131,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   try:
     for step_index in range(start_step, train_cfg.steps):
       batch = next(train_iter)
-      state, step_metrics = train_step(state, batch, jax.random.fold_in(state.rng, step_index))
+      state, step_metrics = plans.step(state, batch, jax.random.fold_in(state.rng, step_index))
       done = step_index + 1
+      state = plans.after_step(done, state, step_metrics, batch)
       window_steps += 1
       progress.update(1)
       is_last = done == train_cfg.steps
       is_eval = done % train_cfg.eval_every_steps == 0 or is_last
       if done % train_cfg.log_every_steps == 0 or is_eval:
-        record = jax.device_get(step_metrics)
+        record = {**jax.device_get(step_metrics), **plans.log_fields()}
         elapsed = time.perf_counter() - window_start
         train_time += elapsed
         record["examples_per_sec"] = window_steps * train_cfg.batch_size / elapsed
@@ -149,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         window_start, window_steps = time.perf_counter(), 0
       if done % config.checkpoint.every_steps == 0 or is_last:
         save_start = time.perf_counter()
-        checkpointer.save(done, state, train_iter.get_state())
+        checkpointer.save(done, state, {"data": train_iter.get_state(),
+                                        "precision": plans.state_dict()})
         window_start += time.perf_counter() - save_start  # Saving is not training time.
     checkpointer.wait()
   finally:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from dsjax import precision
+from dsjax.nn import STATS
+from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -22,27 +24,39 @@ Metrics = dict[str, jax.Array]
 
 
 def _forward(state: TrainState, params: Any, model_state: Any, batch: Batch, rng: jax.Array,
-             train: bool) -> tuple[jax.Array, jax.Array, Any]:
-  """Runs the model; returns per-example loss, per-example correctness, new model state."""
+             train: bool, collect_stats: bool = False) -> tuple[jax.Array, jax.Array, Any, Any]:
+  """Runs the model.
+
+  Returns:
+    Per-example loss, per-example correctness, the new model state, and the per-layer
+    precision statistics (`{}` unless `collect_stats`).
+  """
   variables = {"params": params, **model_state}
-  if train and model_state:
-    logits, model_state = state.apply_fn(variables, batch["image"], train=True,
-                                         rngs={"dropout": rng}, mutable=list(model_state))
+  mutable = (list(model_state) if train else []) + ([STATS] if collect_stats else [])
+  stats = {}
+  if mutable:
+    logits, mutated = state.apply_fn(variables, batch["image"], train=train,
+                                     rngs={"dropout": rng}, mutable=mutable)
+    mutated = dict(mutated)
+    stats = adaptive.collect_layer_stats(mutated.pop(STATS, {}))
+    model_state = mutated if train else model_state
   else:
     logits = state.apply_fn(variables, batch["image"], train=train, rngs={"dropout": rng})
   logits = logits.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return loss, correct, model_state
+  return loss, correct, model_state, stats
 
 
-def make_train_step(grad_accum_steps: int,
-                    learning_rate_fn: optax.Schedule) -> Callable[..., tuple[TrainState, Metrics]]:
+def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
+                    collect_stats: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds the training step.
 
   Args:
     grad_accum_steps: K; the batch's leading dimension splits into K equal micro-batches.
     learning_rate_fn: the schedule, logged as `learning_rate`.
+    collect_stats: also return the layers' precision statistics as
+      `metrics["precision_stats"]` (for the adaptive precision controller).
 
   Returns:
     `train_step(state, batch, rng) -> (state, metrics)`, to be jitted with the state
@@ -53,19 +67,20 @@ def make_train_step(grad_accum_steps: int,
 
   def micro_step(state: TrainState, model_state: Any, micro_batch: Batch, rng: jax.Array):
     def loss_fn(params):
-      loss, correct, new_model_state = _forward(state, params, model_state, micro_batch, rng,
-                                                train=True)
+      loss, correct, new_model_state, stats = _forward(
+          state, params, model_state, micro_batch, rng, train=True, collect_stats=collect_stats)
       loss = loss.mean()
-      return state.loss_scale.scale(loss), (loss, correct.mean(), new_model_state)
+      return state.loss_scale.scale(loss), (loss, correct.mean(), new_model_state, stats)
 
     # Gradients of the scaled loss: float16 backward values stay above underflow.
-    (_, (loss, accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    return grads, loss, accuracy, model_state
+    (_, (loss, accuracy, model_state, stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    return grads, loss, accuracy, model_state, stats
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     if grad_accum_steps == 1:
-      grads, loss, accuracy, model_state = micro_step(state, state.model_state, batch, rng)
+      grads, loss, accuracy, model_state, stats = micro_step(state, state.model_state, batch,
+                                                              rng)
     else:
       micro_batches = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
@@ -74,15 +89,16 @@ def make_train_step(grad_accum_steps: int,
       def body(carry, inputs):
         grad_sum, loss_sum, accuracy_sum, model_state = carry
         index, micro_batch = inputs
-        grads, loss, accuracy, model_state = micro_step(
+        grads, loss, accuracy, model_state, stats = micro_step(
             state, model_state, micro_batch, jax.random.fold_in(rng, index))
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (grad_sum, loss_sum + loss, accuracy_sum + accuracy, model_state), None
+        return (grad_sum, loss_sum + loss, accuracy_sum + accuracy, model_state), stats
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       init = (zeros, jnp.zeros(()), jnp.zeros(()), state.model_state)
-      (grad_sum, loss_sum, accuracy_sum, model_state), _ = jax.lax.scan(
+      (grad_sum, loss_sum, accuracy_sum, model_state), stats = jax.lax.scan(
           body, init, (jnp.arange(grad_accum_steps), micro_batches))
+      stats = adaptive.merge_layer_stats(stats)
       # Equal-sized micro-batches: the mean of K means is the mean of the whole batch.
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
       loss, accuracy = loss_sum / grad_accum_steps, accuracy_sum / grad_accum_steps
@@ -106,6 +122,8 @@ def make_train_step(grad_accum_steps: int,
         "loss_scale": new_state.loss_scale.loss_scale,
         "skipped_steps": new_state.loss_scale.skipped_steps,
     }
+    if collect_stats:
+      metrics["precision_stats"] = stats
     return new_state, metrics
 
   return train_step
@@ -113,7 +131,7 @@ def make_train_step(grad_accum_steps: int,
 
 def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
   """Sums of loss and correct predictions over the real (mask == 1) examples of a batch."""
-  loss, correct, _ = _forward(state, state.params, state.model_state, batch,
+  loss, correct, _, _ = _forward(state, state.params, state.model_state, batch,
                               jax.random.PRNGKey(0), train=False)
   return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask),
           "count": jnp.sum(mask)}

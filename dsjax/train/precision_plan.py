@@ -1,0 +1,158 @@
+"""The precision plan of a run: one model and one compiled step per plan, the adaptive
+controller, and the metrics the plan defines (`fp16_matmul_flops_fraction`,
+`promoted_layers`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsjax import precision
+from dsjax.nn import PrecisionPlan
+from dsjax.precision import adaptive
+from dsjax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+# `build_model(plan, compute_dtype) -> module`.
+ModelBuilder = Callable[[PrecisionPlan | None, Any], nn.Module]
+
+
+def controller_enabled(precision_config: ml_collections.ConfigDict) -> bool:
+  """Whether the adaptive controller runs: on for `mixed` unless `adaptive` says otherwise,
+  and never when the policy computes in float32 (nothing to adapt)."""
+  policy = precision.get_policy(precision_config.policy)
+  if jnp.dtype(policy.compute_dtype) == jnp.float32:
+    return False
+  if precision_config.adaptive is None:
+    return precision_config.policy == "mixed"
+  return bool(precision_config.adaptive)
+
+
+class PlanRuntime:
+  """Keeps the model, the compiled step and the error probe of every plan seen so far.
+
+  A plan change rebinds the state's `apply_fn` and switches to that plan's compiled step
+  (compiled once, on first use); a plan seen before costs nothing.
+
+  Args:
+    precision_config: the `precision` config section.
+    build_model: makes the model for a plan and a compute dtype.
+    make_step: `make_step(collect_stats) -> train_step`.
+  """
+
+  def __init__(self, precision_config: ml_collections.ConfigDict, build_model: ModelBuilder,
+               make_step: Callable[[bool], Callable[..., Any]]):
+    self.compute_dtype = precision.get_policy(precision_config.policy).compute_dtype
+    self.controller = None
+    if controller_enabled(precision_config):
+      knobs = precision_config.controller
+      self.controller = adaptive.PrecisionController(
+          self.compute_dtype, overflow_fraction=knobs.overflow_fraction,
+          error_tolerance=knobs.error_tolerance, demote_fraction=knobs.demote_fraction,
+          stable_checks=knobs.stable_checks)
+      self.check_every = knobs.check_every_steps
+      self.error_check_every = knobs.error_check_every_steps
+    self._build = build_model
+    self._step_fn = jax.jit(make_step(self.controller is not None), donate_argnums=(0,))
+    self._models: dict[PrecisionPlan | None, nn.Module] = {}
+    self._compiled: dict[PrecisionPlan | None, Any] = {}
+    self._probes: dict[PrecisionPlan | None, Any] = {}
+    self._matmul_flops: dict[str, float] | None = None
+
+  @property
+  def plan(self) -> PrecisionPlan | None:
+    return self.controller.plan if self.controller else None
+
+  def model(self) -> nn.Module:
+    """The model under the current plan."""
+    if self.plan not in self._models:
+      self._models[self.plan] = self._build(self.plan, self.compute_dtype)
+    return self._models[self.plan]
+
+  def bind(self, state: TrainState) -> TrainState:
+    """Points the state's `apply_fn` at the current plan's model."""
+    return state.replace(apply_fn=self.model().apply)
+
+  def step(self, state: TrainState, batch: dict[str, Any], rng: jax.Array):
+    """Runs the compiled step of the current plan (compiling it on first use)."""
+    if self.plan not in self._compiled:
+      self._compiled[self.plan] = self._step_fn.lower(state, batch, rng).compile()
+    return self._compiled[self.plan](state, batch, rng)
+
+  def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array) -> None:
+    """Compiles the current plan's step ahead of the loop (for a clean compile time)."""
+    if self.plan not in self._compiled:
+      self._compiled[self.plan] = self._step_fn.lower(state, batch, rng).compile()
+
+  def after_step(self, step: int, state: TrainState, metrics: dict[str, Any],
+                 batch: dict[str, Any]) -> TrainState:
+    """Feeds the controller on check steps; returns the state bound to the (new) plan.
+
+    Args:
+      step: the number of steps done.
+      state: the state after the step.
+      metrics: the step's metrics; `precision_stats` is removed from them.
+      batch: the step's batch, used by the float32 error check.
+
+    Returns:
+      The state, rebound to a new model if the plan changed.
+    """
+    stats = metrics.pop("precision_stats", None)
+    if self.controller is None or stats is None:
+      return state
+    if step % self.check_every and self._matmul_flops is not None:
+      return state
+    stats = jax.device_get(stats)
+    self._matmul_flops = {path: float(record["matmul_flops"]) for path, record in stats.items()}
+    errors = None
+    if step % self.error_check_every == 0:
+      errors = jax.device_get(self._probe()(state.params, state.model_state, batch["image"]))
+    events_before = len(self.controller.events)
+    if self.controller.observe(step, stats, errors):
+      for event in self.controller.events[events_before:]:
+        log.info("precision plan: %s", event)
+      state = self.bind(state)
+    return state
+
+  def _probe(self):
+    """Jitted per-layer relative error of the current plan against float32 on one batch."""
+    if self.plan not in self._probes:
+      half_model, fp32_model = self.model(), self._build(None, jnp.float32)
+
+      def probe(params, model_state, images):
+        variables = {"params": params, **model_state}
+        outputs = []
+        for model in (half_model, fp32_model):
+          _, captured = model.apply(variables, images, train=False,
+                                    capture_intermediates=True, mutable=["intermediates"])
+          outputs.append(captured["intermediates"])
+        return adaptive.relative_errors(*outputs)
+
+      self._probes[self.plan] = jax.jit(probe)
+    return self._probes[self.plan]
+
+  def log_fields(self) -> dict[str, Any]:
+    """Plan metrics for metrics.jsonl: half-precision share of matmul FLOPs, promotions."""
+    if jnp.dtype(self.compute_dtype) == jnp.float32:
+      fraction = 0.0
+    elif self.plan is None or not self._matmul_flops:
+      fraction = 1.0
+    else:
+      fraction = adaptive.half_matmul_fraction(self.plan, self._matmul_flops, self.compute_dtype)
+    return {"fp16_matmul_flops_fraction": fraction,
+            "promoted_layers": len(self.plan.promoted()) if self.plan else 0}
+
+  def state_dict(self) -> dict[str, Any] | None:
+    return self.controller.state_dict() if self.controller else None
+
+  def load_state_dict(self, state: dict[str, Any] | None) -> None:
+    if self.controller and state:
+      self.controller.load_state_dict(state)
