@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.precision.loss_scale.backoff_factor = 0.5
   config.precision.loss_scale.min_scale = 1.0
   config.precision.loss_scale.max_scale = 2.0**24
+  # Keep only half-precision activations for the backward pass (float32 ones are
+  # recomputed): less activation memory, same float32 master-weight gradients.
+  config.precision.half_residuals = False
   # Adaptive per-layer precision (dsjax.precision.adaptive). None: on for `mixed` only;
   # False pins the plan (every layer in the compute dtype); True forces it on.
   config.precision.adaptive = ml_collections.config_dict.placeholder(bool)

@@ -96,8 +96,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   plans = precision_plan.PlanRuntime(
       config.precision,
       lambda plan, dtype: spec.build(config.model, dataset.num_classes, dtype, plan),
-      lambda collect_stats: step.make_train_step(train_cfg.grad_accum_steps, learning_rate_fn,
-                                                 collect_stats=collect_stats))
+      lambda collect_stats: step.make_train_step(
+          train_cfg.grad_accum_steps, learning_rate_fn, collect_stats=collect_stats,
+          half_residuals=config.precision.half_residuals))
   loss_scale = precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
   state = create_train_state(plans.model(), tx, dataset.input_shape, config.seed, loss_scale)
   train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,

@@ -7,6 +7,7 @@ of the whole batch, equal to one big-batch step up to float rounding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from dsjax import precision
-from dsjax.nn import STATS
+from dsjax.nn import STATS, save_half_residuals
 from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
 
@@ -49,7 +50,8 @@ def _forward(state: TrainState, params: Any, model_state: Any, batch: Batch, rng
 
 
 def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
-                    collect_stats: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
+                    collect_stats: bool = False,
+                    half_residuals: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds the training step.
 
   Args:
@@ -57,6 +59,9 @@ def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
     learning_rate_fn: the schedule, logged as `learning_rate`.
     collect_stats: also return the layers' precision statistics as
       `metrics["precision_stats"]` (for the adaptive precision controller).
+    half_residuals: rematerialise the forward pass so that only half-precision values
+      are kept for the backward pass (`dsjax.nn.save_half_residuals`); float32 values
+      are recomputed. Gradients for the float32 master weights are unchanged.
 
   Returns:
     `train_step(state, batch, rng) -> (state, metrics)`, to be jitted with the state
@@ -66,9 +71,12 @@ def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
   """
 
   def micro_step(state: TrainState, model_state: Any, micro_batch: Batch, rng: jax.Array):
+    forward = functools.partial(_forward, state, train=True, collect_stats=collect_stats)
+    if half_residuals:
+      forward = jax.checkpoint(forward, policy=save_half_residuals)
+
     def loss_fn(params):
-      loss, correct, new_model_state, stats = _forward(
-          state, params, model_state, micro_batch, rng, train=True, collect_stats=collect_stats)
+      loss, correct, new_model_state, stats = forward(params, model_state, micro_batch, rng)
       loss = loss.mean()
       return state.loss_scale.scale(loss), (loss, correct.mean(), new_model_state, stats)
 
