@@ -31,10 +31,14 @@ def test_seed_style_command_writes_all_outputs(tmp_path):
   assert config["model"]["features"] == [4, 8]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [2, 4]
-  for key in ("loss", "accuracy", "learning_rate", "grad_norm", "examples_per_sec"):
+  for key in ("loss", "accuracy", "learning_rate", "grad_norm", "examples_per_sec",
+              "loss_scale", "skipped_steps", "fp16_matmul_flops_fraction", "step_ms",
+              "data_wait_ms", "device_ms"):
     assert all(key in r for r in records), key
+  assert all(0 < r["mfu"] <= 1 and r["tflops_per_device"] > 0 for r in records)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["steps"] == 4 and 0 <= summary["eval_accuracy"] <= 1
+  assert summary["flops_per_step"] > 0 and summary["memory"]["params_bytes"] > 0
   assert list(tmp_path.glob("events.out.tfevents.*"))
   assert (tmp_path / "checkpoints" / "4").is_dir()
 

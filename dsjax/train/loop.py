@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from dsjax import data, models, precision
+from dsjax import data, models, precision, profile
 from dsjax.config import validate
 from dsjax.errors import CheckpointError
 from dsjax.train import checkpoint, metrics, optim, precision_plan, step
@@ -122,19 +123,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   eval_fn = jax.jit(step.eval_step)
   compile_start = time.perf_counter()
+  memory = {}
   if start_step < train_cfg.steps:
-    plans.compile(state, train_iter.batch(start_step), state.rng)
+    compiled = plans.compile(state, train_iter.batch(start_step), state.rng)
+    memory = profile.memory_report(compiled, state.params, state.opt_state)
   compile_time = time.perf_counter() - compile_start
+  peak_flops, peak_source = profile.device_peak_flops(
+      half_precision=jnp.dtype(policy.compute_dtype) != jnp.float32)
 
   progress = tqdm.tqdm(total=train_cfg.steps, initial=start_step, unit="step",
                        disable=None if config.logging.progress_bar else True)
   window_start, window_steps, train_time = time.perf_counter(), 0, 0.0
+  data_time = host_time = 0.0  # Per logging window: waiting for data, dispatching.
   try:
     for step_index in range(start_step, train_cfg.steps):
+      data_start = time.perf_counter()
       batch = next(train_iter)
+      host_start = time.perf_counter()
       state, step_metrics = plans.step(state, batch, jax.random.fold_in(state.rng, step_index))
       done = step_index + 1
       state = plans.after_step(done, state, step_metrics, batch)
+      data_time += host_start - data_start
+      host_time += time.perf_counter() - host_start
       window_steps += 1
       progress.update(1)
       is_last = done == train_cfg.steps
@@ -145,6 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         train_time += elapsed
         record["examples_per_sec"] = window_steps * train_cfg.batch_size / elapsed
         record["steps_per_sec"] = window_steps / elapsed
+        record.update(_throughput(plans.flops_per_step(), elapsed / window_steps, peak_flops,
+                                  data_time / window_steps, host_time / window_steps))
         if done == window_steps + start_step:
           record["compile_time_s"] = compile_time
         if is_eval and len(dataset.splits["val"]["label"]):
@@ -152,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           record.update({f"eval_{key}": value for key, value in val.items()})
         writer.write(done, record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, data_time, host_time = time.perf_counter(), 0, 0.0, 0.0
       if done % config.checkpoint.every_steps == 0 or is_last:
         save_start = time.perf_counter()
         checkpointer.save(done, state, {"data": train_iter.get_state(),
@@ -163,15 +175,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     progress.close()
     checkpointer.close()
 
-  summary: dict[str, Any] = {"steps": int(state.step), "compile_time_s": compile_time}
+  summary: dict[str, Any] = {"steps": int(state.step), "compile_time_s": compile_time,
+                             "flops_per_step": plans.flops_per_step(),
+                             "peak_flops": peak_flops, "peak_flops_source": peak_source}
+  if memory:
+    summary["memory"] = memory
   if train_time > 0:
     summary["train_time_s"] = train_time
   for split, prefix in (("val", "eval"), ("test", "test")):
     if len(dataset.splits.get(split, {}).get("label", ())):
       result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size)
       summary.update({f"{prefix}_{key}": value for key, value in result.items()})
-  log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+  log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                                  if isinstance(v, int | float)))
   writer.close()
   metrics.write_json(workdir / "summary.json", summary)
   return summary
 
+
+
+def _throughput(flops_per_step: float, step_seconds: float, peak_flops: float,
+                data_seconds: float, host_seconds: float) -> dict[str, float]:
+  """Per-step FLOP rate, MFU, and where the step's wall time went (milliseconds).
+
+  `device_ms` is what neither the data iterator nor the host-side dispatch took: device
+  compute plus any wait for it (dispatch is asynchronous, so it overlaps).
+  """
+  return {
+      "tflops_per_device": flops_per_step / step_seconds / 1e12 if step_seconds else 0.0,
+      "mfu": profile.mfu(flops_per_step, step_seconds, peak_flops),
+      "step_ms": step_seconds * 1e3,
+      "data_wait_ms": data_seconds * 1e3,
+      "host_ms": host_seconds * 1e3,
+      "device_ms": max(step_seconds - data_seconds - host_seconds, 0.0) * 1e3,
+  }

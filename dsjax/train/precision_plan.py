@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsjax import precision
+from dsjax import precision, profile
 from dsjax.nn import PrecisionPlan
 from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
@@ -87,10 +87,20 @@ class PlanRuntime:
       self._compiled[self.plan] = self._step_fn.lower(state, batch, rng).compile()
     return self._compiled[self.plan](state, batch, rng)
 
-  def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array) -> None:
-    """Compiles the current plan's step ahead of the loop (for a clean compile time)."""
+  def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array) -> Any:
+    """Compiles the current plan's step ahead of the loop (for a clean compile time).
+
+    Returns:
+      The compiled step, for cost and memory analysis.
+    """
     if self.plan not in self._compiled:
       self._compiled[self.plan] = self._step_fn.lower(state, batch, rng).compile()
+    return self._compiled[self.plan]
+
+  def flops_per_step(self) -> float:
+    """XLA's FLOPs of the current plan's compiled step (0 before it is compiled)."""
+    compiled = self._compiled.get(self.plan)
+    return profile.compiled_flops(compiled) if compiled is not None else 0.0
 
   def after_step(self, step: int, state: TrainState, metrics: dict[str, Any],
                  batch: dict[str, Any]) -> TrainState:

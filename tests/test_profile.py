@@ -1,0 +1,92 @@
+"""Profiling figures against analytic counts: FLOPs, collective bytes, memory, MFU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsjax import profile
+
+WIDTHS = (256, 512, 512, 128)
+
+
+def _mlp_params():
+  keys = jax.random.split(jax.random.PRNGKey(0), len(WIDTHS) - 1)
+  return [{"w": jax.random.normal(k, (i, o)) / np.sqrt(i), "b": jnp.zeros(o)}
+          for k, i, o in zip(keys, WIDTHS[:-1], WIDTHS[1:], strict=True)]
+
+
+def _loss(params, x):
+  for layer in params[:-1]:
+    x = jnp.tanh(x @ layer["w"] + layer["b"])
+  return jnp.mean((x @ params[-1]["w"] + params[-1]["b"]) ** 2)
+
+
+def test_flops_match_the_analytic_count():
+  """A dense layer's forward is 2*B*in*out FLOPs; the backward is two more matmuls of
+  the same size (dx for all but the first layer, dW for all), so about 6*B*sum(in*out).
+  Bias adds, tanh and the loss are O(B*width): well under the 5% allowed."""
+  batch = 512
+  x = jnp.ones((batch, WIDTHS[0]))
+  params = _mlp_params()
+  matmul = sum(i * o for i, o in zip(WIDTHS[:-1], WIDTHS[1:], strict=True))
+  forward = jax.jit(_loss).lower(params, x).compile()
+  assert profile.compiled_flops(forward) == pytest.approx(2 * batch * matmul, rel=0.05)
+  backward = jax.jit(jax.value_and_grad(_loss)).lower(params, x).compile()
+  first = WIDTHS[0] * WIDTHS[1]  # No gradient w.r.t. the input x is taken.
+  expected = 2 * batch * matmul + 2 * batch * matmul + 2 * batch * (matmul - first)
+  assert profile.compiled_flops(backward) == pytest.approx(expected, rel=0.05)
+
+
+def test_data_parallel_all_reduce_moves_the_gradient_bytes():
+  """Batch sharded over 8 devices, params replicated: XLA all-reduces every gradient
+  once, so the all-reduce payload equals the float32 parameter bytes (factor 1)."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  params = _mlp_params()
+
+  def sgd_step(params, x):
+    grads = jax.grad(_loss)(params, x)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+  compiled = jax.jit(sgd_step, in_shardings=(replicated, sharded),
+                     out_shardings=replicated).lower(params, jnp.ones((64, WIDTHS[0]))).compile()
+  moved = profile.collective_bytes(compiled)
+  param_bytes = sum(p.size * 4 for p in jax.tree.leaves(params))
+  assert moved["all-reduce"] == param_bytes
+  assert moved["total"] == param_bytes
+  assert profile.tree_bytes(params) == param_bytes
+
+
+def test_collective_bytes_parses_async_pairs_and_every_kind():
+  text = """
+  %ag = f32[8,128]{1,0} all-gather(%p), replica_groups={}
+  %rs = bf16[16]{0} reduce-scatter(%q), to_apply=%add
+  %ars = (f32[1024]{0}, f32[1024]{0}) all-reduce-start(%g), to_apply=%add
+  %ard = f32[1024]{0} all-reduce-done(%ars)
+  %cp = s32[4,4]{1,0} collective-permute(%r), source_target_pairs={{0,1}}
+  %a2a = (f16[2,8]{1,0}, f16[2,8]{1,0}) all-to-all(%s, %t)
+  %mul = f32[1024]{0} multiply(%ard, %ard)
+  """
+  moved = profile.collective_bytes(text)
+  assert moved["all-gather"] == 8 * 128 * 4
+  assert moved["reduce-scatter"] == 16 * 2
+  assert moved["all-reduce"] == 1024 * 4  # The start's result, once; the done is skipped.
+  assert moved["collective-permute"] == 16 * 4
+  assert moved["all-to-all"] == 2 * 2 * 8 * 2
+  assert moved["total"] == sum(v for k, v in moved.items() if k != "total")
+
+
+def test_memory_report_and_mfu():
+  params = _mlp_params()
+  compiled = jax.jit(jax.grad(_loss)).lower(params, jnp.ones((32, WIDTHS[0]))).compile()
+  report = profile.memory_report(compiled, params, {"mu": params})
+  param_bytes = sum(p.size * 4 for p in jax.tree.leaves(params))
+  assert report["params_bytes"] == param_bytes and report["opt_state_bytes"] == param_bytes
+  assert report["peak_bytes"] >= report["argument_bytes"] >= param_bytes
+  peak, source = profile.device_peak_flops()
+  assert peak > 0 and source == "measured:float32-matmul"  # CPU: not in the table.
+  assert profile.mfu(peak * 0.5, 1.0, peak) == pytest.approx(0.5)
+  assert profile.mfu(0.0, 1.0, peak) == 0.0
