@@ -1,4 +1,5 @@
-"""Command-line entry points: `dsjax-train` (also `python -m dsjax.train`).
+"""Command-line entry points: `dsjax-train` (also `python -m dsjax.train`) and
+`dsjax-profile` (also `python -m dsjax.profile`).
 
   dsjax-train --model cnn-digits --precision fp32 --batch-size 64 \\
       --gradient-accumulation 2 --steps 300 --workdir runs/digits
@@ -51,6 +52,10 @@ flags.DEFINE_integer("gradient-accumulation", None, "Micro-batches per step (K).
 flags.DEFINE_integer("steps", None, "Optimizer steps to train for.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", None, "Random seed.", flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Run folder; rerunning on it resumes.", flag_values=FLAGS)
+flags.DEFINE_bool("trace", False, "dsjax-profile: also write a jax.profiler trace to "
+                  "WORKDIR/trace (TensorBoard profile plugin or Perfetto).", flag_values=FLAGS)
+
+_PROFILE_STEPS = 20
 
 
 def _flag_value(argv: Sequence[str], name: str) -> str | None:
@@ -134,25 +139,45 @@ def _describe(error: BaseException) -> str:
   return f"{type(error).__name__}: {error}{where}"
 
 
-def _die(message: str) -> None:
-  print(f"dsjax-train: error: {' '.join(message.split())}", file=sys.stderr)
+def _run(program: str, argv: Sequence[str] | None, action):
+  """Parses flags, runs `action(config)`, and turns user errors into one line + exit 2."""
+  argv = list(sys.argv if argv is None else argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("dsjax").setLevel(logging.INFO)
+  try:
+    return action(_parse(argv))
+  except DsjaxError as error:
+    message = " ".join(str(error).split())
+  except KeyboardInterrupt:
+    message = "interrupted; rerun the same command to resume from the last checkpoint"
+  print(f"{program}: error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:
   """Entry point of `dsjax-train`."""
-  argv = list(sys.argv if argv is None else argv)
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("dsjax").setLevel(logging.INFO)
-  try:
-    config = _parse(argv)
+
+  def train(config):
     from dsjax.train import train_and_evaluate  # Heavy (jax, orbax): import after parsing.
 
-    summary = train_and_evaluate(config, FLAGS.workdir)
-  except DsjaxError as error:
-    _die(str(error))
-  except KeyboardInterrupt:
-    _die("interrupted; rerun the same command to resume from the last checkpoint")
+    return train_and_evaluate(config, FLAGS.workdir)
+
+  summary = _run("dsjax-train", argv, train)
   parts = [f"{key}={summary[key]:.4f}" for key in ("test_accuracy", "eval_accuracy",
                                                    "test_loss") if key in summary]
   print(f"final ({summary['steps']} steps): {', '.join(parts)}")
+
+
+def profile_main(argv: Sequence[str] | None = None) -> None:
+  """Entry point of `dsjax-profile`: a short run, then `WORKDIR/profile.json` and a table."""
+
+  def profile(config):
+    from dsjax.profile import report  # Heavy: import after parsing.
+
+    steps = FLAGS.steps or _PROFILE_STEPS
+    result = report.run_profile(config, FLAGS.workdir, steps=steps, trace=FLAGS.trace)
+    print(report.format_report(result))
+    print(f"wrote {FLAGS.workdir}/profile.json" + (f" and {FLAGS.workdir}/trace"
+                                                   if FLAGS.trace else ""))
+
+  _run("dsjax-profile", argv, profile)

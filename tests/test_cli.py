@@ -43,6 +43,16 @@ def test_seed_style_command_writes_all_outputs(tmp_path):
   assert (tmp_path / "checkpoints" / "4").is_dir()
 
 
+def test_profile_command_writes_a_report(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "dsjax.profile", TINY, "--steps", "4",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "step time" in result.stdout and "top bottleneck" in result.stdout
+  report = json.loads((tmp_path / "profile.json").read_text())
+  assert report["flops_per_step"] > 0 and 0 < report["mfu"] <= 1
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
   args = ["--model", "cnn-digits", "--steps", "300", "--batch-size", "32",

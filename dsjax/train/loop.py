@@ -123,10 +123,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   eval_fn = jax.jit(step.eval_step)
   compile_start = time.perf_counter()
-  memory = {}
+  memory, collectives = {}, {}
   if start_step < train_cfg.steps:
     compiled = plans.compile(state, train_iter.batch(start_step), state.rng)
     memory = profile.memory_report(compiled, state.params, state.opt_state)
+    collectives = profile.collective_bytes(compiled)
   compile_time = time.perf_counter() - compile_start
   peak_flops, peak_source = profile.device_peak_flops(
       half_precision=jnp.dtype(policy.compute_dtype) != jnp.float32)
@@ -179,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                              "flops_per_step": plans.flops_per_step(),
                              "peak_flops": peak_flops, "peak_flops_source": peak_source}
   if memory:
-    summary["memory"] = memory
+    summary["memory"], summary["collective_bytes"] = memory, collectives
   if train_time > 0:
     summary["train_time_s"] = train_time
   for split, prefix in (("val", "eval"), ("test", "test")):
