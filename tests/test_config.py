@@ -57,6 +57,7 @@ def test_wrong_types():
     ("precision.loss_scale", {"min_scale": 0.0}, "min_scale"),
     ("data.val_fraction", 0.7, "data.val_fraction must be in [0, 0.5)"),
     ("model.dropout_rate", 1.0, "model: dropout_rate must be in [0, 1)"),
+    ("model.matmul_impl", "cublas", "model: matmul_impl must be one of xla, pallas"),
     ("model.name", "resnet-9000",
      "unknown model 'resnet-9000'; known models: cnn-cifar10, cnn-digits"),
 ])

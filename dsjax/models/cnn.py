@@ -23,6 +23,7 @@ class CNN(nn.Module):
     compute_dtype: compute dtype; parameters are always float32 (master weights).
     plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`); None: all layers in
       `compute_dtype`.
+    matmul_impl: "xla" or "pallas" for the dense layers (see `dsjax.nn.Dense`).
   """
 
   features: Sequence[int]
@@ -31,6 +32,7 @@ class CNN(nn.Module):
   dropout_rate: float = 0.0
   compute_dtype: Any = jnp.float32
   plan: dsnn.PrecisionPlan | None = None
+  matmul_impl: str = "xla"
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -42,9 +44,10 @@ class CNN(nn.Module):
       if min(x.shape[-3:-1]) >= 2:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(dsnn.Dense(self.dense_features, name="hidden", **precision)(x))
+    dense = {"matmul_impl": self.matmul_impl, **precision}
+    x = nn.relu(dsnn.Dense(self.dense_features, name="hidden", **dense)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = dsnn.Dense(self.num_classes, name="classifier", **precision)(x)
+    logits = dsnn.Dense(self.num_classes, name="classifier", **dense)(x)
     # Losses and softmax are numerically sensitive: hand them float32 logits.
     return logits.astype(jnp.float32)
 
@@ -53,7 +56,7 @@ def _build(model_config: Any, num_classes: int, compute_dtype: Any,
            plan: dsnn.PrecisionPlan | None = None) -> CNN:
   return CNN(features=tuple(model_config.features), dense_features=model_config.dense_features,
              num_classes=num_classes, dropout_rate=model_config.dropout_rate,
-             compute_dtype=compute_dtype, plan=plan)
+             compute_dtype=compute_dtype, plan=plan, matmul_impl=model_config.matmul_impl)
 
 
 def _check(model_config: Any) -> list[str]:
@@ -62,12 +65,16 @@ def _check(model_config: Any) -> list[str]:
     problems.append(f"features must be positive channel counts, got {model_config.features}")
   if model_config.dense_features < 1:
     problems.append(f"dense_features must be >= 1, got {model_config.dense_features}")
+  if model_config.matmul_impl not in dsnn.MATMUL_IMPLS:
+    problems.append(f"matmul_impl must be one of {', '.join(dsnn.MATMUL_IMPLS)}, "
+                    f"got {model_config.matmul_impl!r}")
   if not 0 <= model_config.dropout_rate < 1:
     problems.append(f"dropout_rate must be in [0, 1), got {model_config.dropout_rate}")
   return problems
 
 
-_DEFAULTS = {"features": (32, 64), "dense_features": 128, "dropout_rate": 0.0}
+_DEFAULTS = {"features": (32, 64), "dense_features": 128, "dropout_rate": 0.0,
+             "matmul_impl": "xla"}
 registry.register(registry.ModelSpec(
     name="cnn-digits", build=_build, defaults=_DEFAULTS, dataset="digits",
     config_file="digits_cnn.py", check=_check))

@@ -1,6 +1,14 @@
 """Precision-plan-aware Flax layers, the precision plan, and a half-residual remat policy."""
 
-from dsjax.nn.layers import STATS, Conv, Dense, Embed, LayerNorm, MultiHeadAttention
+from dsjax.nn.layers import (
+    MATMUL_IMPLS,
+    STATS,
+    Conv,
+    Dense,
+    Embed,
+    LayerNorm,
+    MultiHeadAttention,
+)
 from dsjax.nn.plan import CHOICES, FP32, HALF, PrecisionPlan, layer_dtype, module_path
 from dsjax.nn.remat import HALF_DTYPES, remat, save_half_residuals
 
@@ -9,6 +17,7 @@ __all__ = [
     "FP32",
     "HALF",
     "HALF_DTYPES",
+    "MATMUL_IMPLS",
     "STATS",
     "Conv",
     "Dense",

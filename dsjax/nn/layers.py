@@ -21,11 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from dsjax.nn.plan import PrecisionPlan, layer_dtype
 
 Initializer = Callable[..., jax.Array]
 Axes = tuple[str | None, ...]
 STATS = "precision_stats"
+MATMUL_IMPLS = ("xla", "pallas")
 
 
 def _sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
@@ -62,6 +64,8 @@ class Dense(nn.Module):
     compute_dtype: the run's half (or float32) compute dtype.
     param_dtype: dtype of the stored parameters.
     plan: precision plan; None means every layer computes in `compute_dtype`.
+    matmul_impl: "xla" (`lax.dot_general`) or "pallas" (`pallas_kernels.matmul`, the
+      FP16/BF16-in, FP32-accumulate kernel; interpret mode on CPU).
   """
 
   features: int | tuple[int, ...]
@@ -72,9 +76,12 @@ class Dense(nn.Module):
   compute_dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   plan: PrecisionPlan | None = None
+  matmul_impl: str = "xla"
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.matmul_impl not in MATMUL_IMPLS:
+      raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {self.matmul_impl!r}")
     features = _features(self.features)
     if len(self.kernel_axes) != 1 + len(features):
       raise ValueError(f"kernel_axes {self.kernel_axes} must name {1 + len(features)} kernel "
@@ -89,13 +96,23 @@ class Dense(nn.Module):
 
     kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, self.kernel_axes),
                         (inputs.shape[-1], *features), self.param_dtype)
-    dims = (((inputs.ndim - 1,), (0,)), ((), ()))
-    y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype), dims,
-                            preferred_element_type=jnp.float32)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[1:]),
                         features, self.param_dtype)
-      y = y + bias.astype(jnp.float32)
+    if self.matmul_impl == "pallas":
+      # The Pallas kernel: half-precision inputs, float32 accumulation and bias, one cast.
+      flat_kernel = kernel.reshape(kernel.shape[0], -1).astype(dtype)
+      flat_bias = None if bias is None else bias.reshape(-1).astype(jnp.float32)
+      y = pallas_kernels.matmul(inputs.astype(dtype), flat_kernel, bias=flat_bias,
+                                out_dtype=dtype)
+      y = y.reshape(*inputs.shape[:-1], *features)
+    else:
+      dims = (((inputs.ndim - 1,), (0,)), ((), ()))
+      y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype), dims,
+                              preferred_element_type=jnp.float32)
+      if bias is not None:
+        y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
     _sow_stats(self, y, 2.0 * (inputs.size // inputs.shape[-1]) * kernel.size, [inputs])
     return y
