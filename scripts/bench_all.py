@@ -51,6 +51,15 @@ def render(name: str, payload: dict) -> str:
     rows = [[p["precision"], str(p["batch_size"]), f"{p['examples_per_sec']:.0f}",
              f"{p['step_ms']:.1f} ms", f"{p['mfu']:.1%}"] for p in results["points"]]
     body = _table(["precision", "batch", "examples/s", "step", "MFU"], rows)
+  elif name == "matmul":
+    rows = [[f"{r['m']}x{r['k']}x{r['n']}", r["dtype"], f"{r['kernel']['tflops']:.4f}",
+             f"{r['xla']['tflops']:.4f}", f"{r['kernel_vs_xla']:.2f}", f"{r['fused_gain']:.2f}"]
+            for r in results["rows"]]
+    body = _table(["M x K x N", "dtype", "kernel TFLOP/s", "XLA TFLOP/s", "kernel/XLA",
+                   "fused-epilogue gain"], rows)
+    if results["config"].get("interpret_mode"):
+      body += ("\n\nCPU: the kernel ran in Pallas interpret mode, so these timings say "
+               "nothing about kernel speed; they show the benchmark runs end to end.")
   else:
     body = "```json\n" + json.dumps(results, indent=1)[:4000] + "\n```"
   return f"### {name}\n\nMachine: {machine}.\n\n{body}\n"
