@@ -1,5 +1,6 @@
 """Command-line entry points: `dsjax-train` (also `python -m dsjax.train`) and
-`dsjax-profile` (also `python -m dsjax.profile`).
+`dsjax-profile` (also `python -m dsjax.profile`), `dsjax-search` (also
+`python -m dsjax.nas`).
 
   dsjax-train --model cnn-digits --precision fp32 --batch-size 64 \\
       --gradient-accumulation 2 --steps 300 --workdir runs/digits
@@ -52,6 +53,9 @@ flags.DEFINE_integer("gradient-accumulation", None, "Micro-batches per step (K).
 flags.DEFINE_integer("steps", None, "Optimizer steps to train for.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", None, "Random seed.", flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Run folder; rerunning on it resumes.", flag_values=FLAGS)
+flags.DEFINE_string("architecture", None, "dsjax-train of a DNAS model: the "
+                    "architecture.json dsjax-search wrote (model.architecture).",
+                    flag_values=FLAGS)
 flags.DEFINE_bool("trace", False, "dsjax-profile: also write a jax.profiler trace to "
                   "WORKDIR/trace (TensorBoard profile plugin or Perfetto).", flag_values=FLAGS)
 
@@ -106,6 +110,11 @@ def _parse(argv: list[str]):
     raise ConfigError(f"--model {FLAGS.model} differs from the config file's model.name "
                       f"{config.model.name!r}: drop --model, or drop --config to start from "
                       "the model's default config")
+  if FLAGS.architecture is not None:
+    if "architecture" not in config.model:
+      raise ConfigError(f"--architecture applies to DNAS models (dnas-*), not "
+                        f"{config.model.name}")
+    config.model.architecture = FLAGS.architecture
   for flag, field in _SHORTHANDS.items():
     if FLAGS[flag].value is not None:
       section, _, key = field.rpartition(".")
@@ -181,3 +190,20 @@ def profile_main(argv: Sequence[str] | None = None) -> None:
                                                    if FLAGS.trace else ""))
 
   _run("dsjax-profile", argv, profile)
+
+
+def search_main(argv: Sequence[str] | None = None) -> None:
+  """Entry point of `dsjax-search`: search a DNAS config, write WORKDIR/architecture.json."""
+
+  def search(config):
+    from dsjax.nas.run import search_architecture  # Heavy: import after parsing.
+
+    summary = search_architecture(config, FLAGS.workdir)
+    print((Path(FLAGS.workdir) / "probabilities.txt").read_text().rstrip())
+    print(f"derived: depth {summary['depth']}, {summary['params']:,} params, "
+          f"{summary['flops']:,.0f} FLOPs per example; search took "
+          f"{summary['search_time_s']:.0f} s")
+    print(f"wrote {summary['architecture']}; retrain it with dsjax-train --config ... "
+          f"--architecture {summary['architecture']}")
+
+  _run("dsjax-search", argv, search)

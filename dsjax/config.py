@@ -87,6 +87,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.precision.controller.demote_fraction = 0.25
   config.precision.controller.stable_checks = 10
 
+  # DNAS (dsjax-search); ignored by dsjax-train.
+  config.search = ml_collections.ConfigDict()
+  config.search.steps = 600
+  config.search.order = 1  # 2: unrolled step with an exact Hessian-vector product.
+  config.search.unroll_lr = 0.0  # xi of the second-order step; 0: optimizer.learning_rate.
+  config.search.warmup_steps = 100  # Weights only, architecture frozen.
+  config.search.arch_learning_rate = 3e-2
+  config.search.arch_weight_decay = 1e-3
+  config.search.temperature_start = 2.0
+  config.search.temperature_end = 0.5
+  config.search.aux_skip = 0.0  # DARTS- auxiliary skip weight at the start, decayed to 0.
+  config.search.param_free_weight = 0.0  # Penalty on the probability of identity/zero ops.
+  config.resource = ml_collections.ConfigDict()
+  config.resource.target_flops = 0.0  # Per example; 0 means no budget.
+  config.resource.target_params = 0.0
+  config.resource.penalty_weight = 0.0
+
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
   config.checkpoint.max_to_keep = 3
@@ -179,6 +196,18 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(0 <= opt.momentum < 1, f"optimizer.momentum must be in [0, 1), got {opt.momentum}")
   check(opt.grad_clip_norm >= 0,
         f"optimizer.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm}")
+  search = config.search
+  check(search.steps >= 1, f"search.steps must be >= 1, got {search.steps}")
+  check(search.order in (1, 2), f"search.order must be 1 or 2, got {search.order}")
+  check(0 <= search.warmup_steps < search.steps or search.steps == 1,
+        f"search.warmup_steps must be in [0, search.steps), got {search.warmup_steps}")
+  check(search.arch_learning_rate > 0,
+        f"search.arch_learning_rate must be > 0, got {search.arch_learning_rate}")
+  check(search.temperature_start > 0 and search.temperature_end > 0,
+        "search.temperature_start and temperature_end must be > 0")
+  for field in ("target_flops", "target_params", "penalty_weight"):
+    check(config.resource[field] >= 0, f"resource.{field} must be >= 0, got "
+          f"{config.resource[field]}")
   knobs = config.precision.controller
   for field in ("check_every_steps", "error_check_every_steps", "stable_checks"):
     check(knobs[field] >= 1, f"precision.controller.{field} must be >= 1, got {knobs[field]}")

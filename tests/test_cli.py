@@ -113,6 +113,10 @@ BAD_INPUTS = [
      "/nonexistent"),
     ([TINY, "--model", "cnn-cifar10"], "--model cnn-cifar10 differs from the config file's"),
     ([TINY, "--no-such-flag=1"], "Unknown command line flag 'no-such-flag'"),
+    (["--model", "dnas-digits"], "model dnas-digits is a DNAS supernet: run dsjax-search first"),
+    ([TINY, "--architecture", "a.json"], "--architecture applies to DNAS models (dnas-*)"),
+    ([f"--config={REPO}/configs/digits_dnas.py:tiny", "--architecture", "/nonexistent.json"],
+     "architecture file /nonexistent.json does not exist"),
 ]
 
 
@@ -124,6 +128,22 @@ def test_bad_input_one_line_error(tmp_path, args, expected):
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith("dsjax-train: error: ") and expected in lines[0], lines[0]
   assert "Traceback" not in result.stderr
+
+
+def test_search_then_retrain_via_cli(tmp_path):
+  dnas = f"--config={REPO}/configs/digits_dnas.py:tiny"
+  searched = subprocess.run([sys.executable, "-m", "dsjax.nas", dnas, "--workdir",
+                             str(tmp_path / "search")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+  assert searched.returncode == 0, searched.stderr
+  assert "ops (most probable first)" in searched.stdout
+  architecture = json.loads((tmp_path / "search" / "architecture.json").read_text())
+  assert architecture["params"] > 0 and len(architecture["blocks"]) == 2
+  result = run_cli(dnas, "--architecture", str(tmp_path / "search" / "architecture.json"),
+                   "--workdir", str(tmp_path / "retrain"))
+  assert result.returncode == 0, result.stderr
+  summary = json.loads((tmp_path / "retrain" / "summary.json").read_text())
+  assert summary["memory"]["params_bytes"] == 4 * architecture["params"]
 
 
 def test_missing_workdir_is_an_error():

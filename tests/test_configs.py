@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import models
+from dsjax.nas.run import search_architecture
 from dsjax.train import train_and_evaluate
 
 CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("[!_]*.py"))
@@ -35,6 +37,10 @@ def test_tiny_variant_runs(path, tmp_path, make_cifar10):
     make_cifar10(tmp_path / "data", rows_per_file=16)
     config.data.data_dir = str(tmp_path / "data")
   config.logging.progress_bar = False
+  if models.get_spec(config.model.name).searchable:  # Search, then retrain the result.
+    searched = search_architecture(config, tmp_path / "search")
+    assert searched["params"] > 0
+    config.model.architecture = searched["architecture"]
   summary = train_and_evaluate(config, tmp_path / "run")
   assert summary["steps"] == config.train.steps
   assert 0.0 <= summary["test_accuracy"] <= 1.0

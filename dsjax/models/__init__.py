@@ -1,6 +1,9 @@
 """Model zoo. Importing this package registers every model by name."""
 
-from dsjax.models import cnn  # noqa: F401  (registers cnn-digits, cnn-cifar10)
+from dsjax.models import (
+    cnn,  # noqa: F401  (registers cnn-digits, cnn-cifar10)
+    supernet,  # noqa: F401  (registers dnas-digits, dnas-cifar10)
+)
 from dsjax.models.registry import ModelSpec, get_spec, known_models, register
 
 __all__ = ["ModelSpec", "get_spec", "known_models", "register"]

@@ -28,6 +28,8 @@ class ModelSpec:
     dataset: the dataset it trains on by default (`config.data.name`).
     config_file: its experiment file in `configs/`, used when no `--config` is given.
     check: `(model_config) -> list of problems` for values the types cannot rule out.
+    searchable: a DNAS supernet: `dsjax-search` searches it; `dsjax-train` trains only
+      the discrete network of a searched `model.architecture`.
   """
 
   name: str
@@ -36,6 +38,7 @@ class ModelSpec:
   dataset: str
   config_file: str
   check: Callable[[Any], Iterable[str]] = lambda model_config: ()
+  searchable: bool = False
 
 
 def register(spec: ModelSpec) -> ModelSpec:

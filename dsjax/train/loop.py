@@ -16,7 +16,7 @@ import tqdm
 
 from dsjax import data, models, precision, profile
 from dsjax.config import validate
-from dsjax.errors import CheckpointError
+from dsjax.errors import CheckpointError, ConfigError
 from dsjax.train import checkpoint, metrics, optim, precision_plan, step
 from dsjax.train.state import TrainState, create_train_state
 
@@ -93,6 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   dataset = data.get_dataset(config.data)
   policy = precision.get_policy(config.precision.policy)
   spec = models.get_spec(config.model.name)
+  if spec.searchable and not config.model.architecture:
+    raise ConfigError(f"model {config.model.name} is a DNAS supernet: run dsjax-search first, "
+                      "then retrain its result with --architecture W/architecture.json")
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
   plans = precision_plan.PlanRuntime(
       config.precision,

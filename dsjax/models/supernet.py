@@ -1,0 +1,311 @@
+"""The DNAS supernet: a chain of searchable blocks, and its discrete (derived) form.
+
+During search each block computes every candidate op at the widest width and mixes them
+with relaxed architecture weights; an FBNetV2-style channel mask (a relaxed mixture of
+"first c channels" masks) then selects the width, and optional blocks blend with their
+input through a keep/skip gate. The architecture logits live in the `arch` collection,
+never in `params`, so the weight optimizer cannot see them:
+
+  variables = model.init(rng, images)          # {"params": ..., "arch": ...}
+  logits = model.apply(variables, images, train=True, temperature=t,
+                       rngs={"gumbel": key})   # Gumbel relaxations need the key
+
+Given an `architecture` (one `BlockChoice` per block, see `choices_from_dict`), the same
+class builds only the chosen ops at the chosen widths and has no `arch` collection, so a
+retrained network holds exactly the derived parameters. Blocks are named `block_{i}` and
+ops by candidate (`block_0/conv_3x3/conv/kernel`) in both forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax import nn as dsnn
+from dsjax.errors import ConfigError
+from dsjax.models import registry
+from dsjax.nas import relaxation as relax_lib
+from dsjax.nas import space as space_lib
+from dsjax.nas.space import SearchSpace
+
+ARCH = "arch"
+GUMBEL_RNG = "gumbel"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockChoice:
+  """The derived choice for one block position.
+
+  Attributes:
+    op: candidate name, e.g. "conv_3x3", "sep_conv_5x5", "identity", "zero".
+    channels: output width.
+    kept: False for a skipped optional block (then op and channels are ignored).
+  """
+
+  op: str
+  channels: int
+  kept: bool = True
+
+
+def choices_from_dict(architecture: Mapping[str, Any]) -> tuple[BlockChoice, ...]:
+  """Turns an architecture dict (`dsjax.nas.derivation`) into the supernet's `architecture`.
+
+  Args:
+    architecture: {"blocks": [{"op", "kernel_size", "channels", "kept"}, ...]}, already
+      validated (`dsjax.nas.validate_architecture`).
+
+  Returns:
+    One BlockChoice per block position, hashable so the module stays a valid jit static.
+  """
+  return tuple(
+      BlockChoice(space_lib.candidate_name(b["op"], b.get("kernel_size")), int(b["channels"]),
+                  bool(b.get("kept", True)))
+      for b in architecture["blocks"])
+
+
+def fit_channels(x: jax.Array, width: int) -> jax.Array:
+  """Zero-pads or truncates the channel (last) axis of `x` to `width`."""
+  have = x.shape[-1]
+  if have >= width:
+    return x[..., :width]
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - have)])
+
+
+class Op(nn.Module):
+  """One candidate op producing `features` channels; convolutions end in a ReLU.
+
+  Attributes:
+    candidate: candidate name (see `dsjax.nas.space`).
+    features: output channels.
+    stride: spatial stride (identity requires 1).
+    activation: "relu", "silu" or "gelu", applied after convolutions.
+    compute_dtype: compute dtype; parameters stay float32.
+    plan: per-layer precision plan, or None.
+  """
+
+  candidate: str
+  features: int
+  stride: int = 1
+  activation: str = "relu"
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    family, k = space_lib.op_family(self.candidate), space_lib.op_kernel(self.candidate)
+    dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
+    if family == "zero":
+      height, width = (-(-d // self.stride) for d in x.shape[1:3])
+      return jnp.zeros((x.shape[0], height, width, self.features), dtype)
+    if family == "identity":
+      return fit_channels(x, self.features).astype(dtype)
+    if family == "conv":
+      y = dsnn.Conv(self.features, (k, k), strides=self.stride, name="conv", **precision)(x)
+    else:  # sep_conv: depthwise k x k, then pointwise 1 x 1.
+      y = dsnn.Conv(x.shape[-1], (k, k), strides=self.stride, use_bias=False,
+                    feature_group_count=x.shape[-1], name="depthwise", **precision)(x)
+      y = dsnn.Conv(self.features, (1, 1), name="pointwise", **precision)(y)
+    return getattr(nn, self.activation)(y)
+
+
+class SearchBlock(nn.Module):
+  """A searchable block: relaxed op mixture, channel mask and (if optional) skip gate.
+
+  Attributes:
+    space: the search space.
+    index: this block's position.
+    relaxation: one of `dsjax.nas.relaxation.RELAXATIONS`.
+    compute_dtype: compute dtype; parameters stay float32.
+    plan: per-layer precision plan, or None.
+  """
+
+  space: SearchSpace
+  index: int
+  relaxation: str = "softmax"
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+
+  def _weights(self, name: str, size: int, train: bool, temperature: Any) -> jax.Array:
+    logits = self.variable(ARCH, name, jnp.zeros, (size,), jnp.float32).value
+    sample = train and self.relaxation != "softmax"
+    rng = self.make_rng(GUMBEL_RNG) if sample else None
+    return relax_lib.relax(logits, self.relaxation, temperature, rng)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, temperature: Any = 1.0,
+               aux_skip: Any = 0.0) -> jax.Array:
+    space, stride = self.space, self.space.stride(self.index)
+    width, candidates, channels = space.max_channels, space.candidates(self.index), space.channels
+    op_weights = self._weights("op_logits", len(candidates), train, temperature)
+    channel_weights = self._weights("channel_logits", len(channels), train, temperature)
+    y = jnp.zeros((), jnp.float32)
+    for i, candidate in enumerate(candidates):
+      out = Op(candidate, width, stride, space.activation, self.compute_dtype, self.plan,
+               name=candidate)(x)
+      y = y + op_weights[i] * out.astype(jnp.float32)
+    if stride == 1:
+      # DARTS- auxiliary skip: a decaying identity path outside the mixture, so skip ops
+      # need not win the mixture just to carry gradient through deep chains.
+      y = y + aux_skip * fit_channels(x, width).astype(jnp.float32)
+    masks = jnp.asarray(np.arange(width)[None, :] < np.asarray(channels)[:, None], jnp.float32)
+    y = y * (channel_weights @ masks)
+    if space.optional(self.index):
+      keep = self._weights("depth_logits", 2, train, temperature)[1]
+      y = keep * y + (1.0 - keep) * fit_channels(x, width).astype(jnp.float32)
+    return y.astype(dsnn.layer_dtype(self, self.compute_dtype, self.plan))
+
+
+class DiscreteBlock(nn.Module):
+  """A derived block: one op at one width (named like its supernet counterpart)."""
+
+  choice: BlockChoice
+  stride: int = 1
+  activation: str = "relu"
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return Op(self.choice.op, self.choice.channels, self.stride, self.activation,
+              self.compute_dtype, self.plan, name=self.choice.op)(x)
+
+
+class Supernet(nn.Module):
+  """Stem, searchable (or derived) blocks, then a dense classifier head.
+
+  Attributes:
+    space: the search space.
+    num_classes: number of output logits.
+    relaxation: "softmax" (DARTS), "gumbel" (FBNet) or "hard_gumbel" (GDAS).
+    architecture: None for the supernet; one BlockChoice per block for the derived net.
+    compute_dtype: compute dtype; parameters are always float32 (master weights).
+    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
+  """
+
+  space: SearchSpace
+  num_classes: int
+  relaxation: str = "softmax"
+  architecture: tuple[BlockChoice, ...] | None = None
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               temperature: Any = 1.0, aux_skip: Any = 0.0) -> jax.Array:
+    """Returns float32 logits [batch, num_classes] (head "none": the last feature map).
+
+    Args:
+      images: NHWC float images.
+      train: sample Gumbel noise (rng stream "gumbel") for the Gumbel relaxations.
+      temperature: relaxation temperature; may be traced (a schedule's value).
+      aux_skip: weight of the DARTS- auxiliary skip path in stride-1 search blocks.
+    """
+    if self.relaxation not in relax_lib.RELAXATIONS:
+      raise ValueError(f"relaxation must be one of {relax_lib.RELAXATIONS}, "
+                       f"got {self.relaxation!r}")
+    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    space, x = self.space, images
+    if space.stem_channels:
+      x = dsnn.Conv(space.stem_channels, (3, 3), name="stem", **precision)(x)
+      x = getattr(nn, space.activation)(x)
+    if self.architecture is not None and len(self.architecture) != space.num_blocks:
+      raise ValueError(f"architecture has {len(self.architecture)} blocks, the search space "
+                       f"{space.num_blocks}")
+    for index in range(space.num_blocks):
+      if self.architecture is None:
+        x = SearchBlock(space, index, self.relaxation, name=f"block_{index}", **precision)(
+            x, train=train, temperature=temperature, aux_skip=aux_skip)
+      elif self.architecture[index].kept:
+        x = DiscreteBlock(self.architecture[index], space.stride(index), space.activation,
+                          name=f"block_{index}", **precision)(x)
+    if space.head == "none":
+      return x.astype(jnp.float32)
+    if space.head == "pool":
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    else:
+      x = x.reshape(x.shape[0], -1)
+    logits = dsnn.Dense(self.num_classes, name="head", **precision)(x)
+    return logits.astype(jnp.float32)
+
+
+# The `model` config section of a DNAS model (`ModelSpec.defaults`). Gumbel by default:
+# with a plain softmax mixture the weights can rescale to undo any mixing weight, so a
+# resource penalty moves probability to cheap ops (zero) without changing the fit.
+DEFAULTS = {"backbone": {"type": "DNAS", **dataclasses.asdict(SearchSpace())},
+            "relaxation": "gumbel", "architecture": ""}
+
+
+def build_supernet(model_config: Any, num_classes: int, compute_dtype: Any,
+                   plan: dsnn.PrecisionPlan | None = None) -> Supernet:
+  """The registry `build` function (`ModelSpec.build`) for DNAS models.
+
+  Args:
+    model_config: the `model` section (see `DEFAULTS`): `backbone` (the search space,
+      `dsjax.nas.space.from_config`), `relaxation`, and `architecture` (path to an
+      architecture.json; empty builds the supernet for search).
+    num_classes: number of output logits.
+    compute_dtype: compute dtype.
+    plan: per-layer precision plan, or None.
+
+  Returns:
+    The supernet, or the derived discrete network when an architecture file is given.
+
+  Raises:
+    ConfigError: an invalid search space or architecture file.
+  """
+  from dsjax.nas.derivation import load_architecture  # Deferred: dsjax.nas imports no models.
+
+  space = space_lib.from_config(model_config["backbone"])
+  path = model_config.get("architecture") or ""
+  architecture = choices_from_dict(load_architecture(path, space)) if path else None
+  return Supernet(space=space, num_classes=num_classes,
+                  relaxation=model_config.get("relaxation", DEFAULTS["relaxation"]),
+                  architecture=architecture, compute_dtype=compute_dtype, plan=plan)
+
+
+def check_config(model_config: Any) -> list[str]:
+  """The registry `check` function: problems of the backbone, relaxation and architecture."""
+  from dsjax.nas.derivation import load_architecture  # Deferred: dsjax.nas imports no models.
+
+  problems = []
+  if model_config.get("relaxation") not in relax_lib.RELAXATIONS:
+    problems.append(f"relaxation must be one of {relax_lib.RELAXATIONS}, "
+                    f"got {model_config.get('relaxation')!r}")
+  try:
+    space = space_lib.from_config(model_config["backbone"])
+    if model_config.get("architecture"):
+      load_architecture(model_config["architecture"], space)
+  except ConfigError as error:
+    problems.append(str(error))
+  return problems
+
+
+def split_variables(variables: Mapping[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+  """Splits `model.init` output into (params, arch, other collections)."""
+  rest = {k: v for k, v in variables.items() if k not in ("params", ARCH)}
+  return variables["params"], variables.get(ARCH, {}), rest
+
+
+def count_params(params: Any) -> int:
+  """Returns the number of scalars in a parameter tree."""
+  return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params)))
+
+
+def block_names(space: SearchSpace) -> Sequence[str]:
+  """Returns the module names of the blocks, which key the `arch` collection."""
+  return [f"block_{index}" for index in range(space.num_blocks)]
+
+
+registry.register(registry.ModelSpec(
+    name="dnas-digits", build=build_supernet, defaults=DEFAULTS, dataset="digits",
+    config_file="digits_dnas.py", check=check_config, searchable=True))
+registry.register(registry.ModelSpec(
+    name="dnas-cifar10", build=build_supernet, defaults=DEFAULTS, dataset="cifar10",
+    config_file="cifar10_dnas.py", check=check_config, searchable=True))

@@ -1,0 +1,256 @@
+"""Cost model: expected FLOPs/params of the relaxed supernet, exact ones of a derived net.
+
+One set of per-op formulas serves both, so the expectation the search optimises and the
+number `derive` reports agree. FLOPs are 2 x multiply-accumulates of convolutions and
+dense layers (bias adds, ReLUs and pooling are not counted); params count every scalar,
+biases included, so `exact_cost(...)["params"]` equals the derived model's parameter tree.
+
+Expectation. Ops, widths and keep gates are independent categoricals with the softmax
+probabilities of their logits. Every op's cost is bilinear in (input width, output
+width), and a block's input width depends only on earlier choices, so
+
+  E[cost of block i] = P(keep_i) * sum_op P(op) * cost(op, E[c_in,i], E[c_out,i])
+
+exactly, with E[c_in,i+1] = P(keep_i) E[c_out,i] + (1 - P(keep_i)) E[c_in,i].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.nas import relaxation as relax_lib
+from dsjax.nas import space as space_lib
+from dsjax.nas.space import SearchSpace
+
+Cost = dict[str, Any]
+
+
+def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int) -> tuple[Any, Any]:
+  """Returns (flops, params) of one op; works on Python numbers and traced arrays alike.
+
+  Args:
+    candidate: candidate name, e.g. "sep_conv_3x3".
+    c_in: input channels (or their expectation).
+    c_out: output channels (or their expectation).
+    out_hw: output height x width.
+
+  Returns:
+    FLOPs (2 x MACs) and parameter count.
+  """
+  family, k = space_lib.op_family(candidate), space_lib.op_kernel(candidate)
+  if family == "conv":
+    return 2 * out_hw * k * k * c_in * c_out, k * k * c_in * c_out + c_out
+  if family == "sep_conv":
+    # Depthwise (no bias) then pointwise (with bias).
+    return 2 * out_hw * (k * k * c_in + c_in * c_out), k * k * c_in + c_in * c_out + c_out
+  return 0 * c_out, 0 * c_out  # identity, zero
+
+
+def _stem_and_head(space: SearchSpace, input_shape: Sequence[int], num_classes: int,
+                   c_final: Any) -> tuple[Any, Any, int]:
+  """Returns (flops, params) of stem plus head, and the block-0 input width."""
+  height, width, channels = input_shape
+  flops = params = 0
+  c_in = channels
+  if space.stem_channels:
+    flops = 2 * height * width * 9 * channels * space.stem_channels
+    params = 9 * channels * space.stem_channels + space.stem_channels
+    c_in = space.stem_channels
+  if space.head == "none":
+    return flops, params, c_in
+  out_h, out_w = space_lib.spatial_sizes(space, input_shape)[-1]
+  features = c_final * (1 if space.head == "pool" else out_h * out_w)
+  return flops + 2 * features * num_classes, params + (features + 1) * num_classes, c_in
+
+
+def expected_cost(arch: Mapping[str, Any], space: SearchSpace, input_shape: Sequence[int],
+                  num_classes: int) -> Cost:
+  """Returns the expected {"flops", "params"} of the relaxed network, differentiable in arch.
+
+  Args:
+    arch: the `arch` collection: {"block_i": {"op_logits", "channel_logits",
+      ["depth_logits"]}}.
+    space: the search space.
+    input_shape: one image's (H, W, C).
+    num_classes: classifier outputs.
+
+  Returns:
+    float32 scalars under the softmax distributions of the logits (whatever relaxation
+    the search uses: Gumbel sampling draws from the same distribution).
+  """
+  sizes = space_lib.spatial_sizes(space, input_shape)
+  widths = jnp.asarray(space.channels, jnp.float32)
+  _, _, c_in = _stem_and_head(space, input_shape, num_classes, 0)
+  c_in = jnp.asarray(c_in, jnp.float32)
+  flops = params = jnp.zeros((), jnp.float32)
+  for index, (height, width) in enumerate(sizes):
+    block = arch[f"block_{index}"]
+    p_op = relax_lib.probabilities(block["op_logits"])
+    c_out = relax_lib.probabilities(block["channel_logits"]) @ widths
+    keep = relax_lib.probabilities(block["depth_logits"])[1] if space.optional(index) else 1.0
+    for i, candidate in enumerate(space.candidates(index)):
+      f, p = op_cost(candidate, c_in, c_out, height * width)
+      flops, params = flops + keep * p_op[i] * f, params + keep * p_op[i] * p
+    c_in = keep * c_out + (1.0 - keep) * c_in
+  f, p, _ = _stem_and_head(space, input_shape, num_classes, c_in)
+  return {"flops": flops + f, "params": params + p}
+
+
+def exact_cost(choices: Sequence[Any], space: SearchSpace, input_shape: Sequence[int],
+               num_classes: int) -> dict[str, int]:
+  """Returns the exact {"flops", "params"} of a derived network.
+
+  Args:
+    choices: one `BlockChoice` (op, channels, kept) per block position.
+    space: the search space.
+    input_shape: one image's (H, W, C).
+    num_classes: classifier outputs.
+
+  Returns:
+    Python ints.
+  """
+  sizes = space_lib.spatial_sizes(space, input_shape)
+  _, _, c_in = _stem_and_head(space, input_shape, num_classes, 0)
+  flops = params = 0
+  for choice, (height, width) in zip(choices, sizes, strict=True):
+    if choice.kept:
+      f, p = op_cost(choice.op, c_in, choice.channels, height * width)
+      flops, params, c_in = flops + f, params + p, choice.channels
+  f, p, _ = _stem_and_head(space, input_shape, num_classes, c_in)
+  return {"flops": int(flops + f), "params": int(params + p)}
+
+
+def resource_penalty(expected: jax.Array, target: float, weight: float) -> jax.Array:
+  """Returns weight * max(0, log(expected / target)); 0 when target <= 0 (no budget).
+
+  A hinge in log space: nothing under the budget, so accuracy alone decides among
+  architectures that fit, and above it a pull that is relative (scale-free), so one
+  weight works for FLOPs and for params, whatever their magnitude, and whether the
+  network is 2x or 20x over budget the gradient wrt log-cost is the same `weight`.
+
+  Args:
+    expected: the differentiable expected cost.
+    target: the budget, same unit.
+    weight: the penalty weight.
+  """
+  if target <= 0 or weight == 0:
+    return jnp.zeros((), jnp.float32)
+  return weight * jnp.maximum(0.0, jnp.log(expected / target))
+
+
+def param_free_probability(arch: Mapping[str, Any], space: SearchSpace) -> jax.Array:
+  """Returns the summed probability of parameter-free ops (identity, zero) over blocks.
+
+  A collapse guard: DARTS-style searches drift towards these ops because they make the
+  supernet's loss landscape easy, not because they make the derived net good.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for index in range(space.num_blocks):
+    probs = relax_lib.probabilities(arch[f"block_{index}"]["op_logits"])
+    for i, candidate in enumerate(space.candidates(index)):
+      if space_lib.op_family(candidate) in space_lib.PARAM_FREE:
+        total = total + probs[i]
+  return total
+
+
+def make_arch_penalty(space: SearchSpace, input_shape: Sequence[int], num_classes: int, *,
+                      target_flops: float = 0.0, target_params: float = 0.0,
+                      resource_weight: float = 0.0, param_free_weight: float = 0.0,
+                      latency_table: Mapping[str, float] | None = None,
+                      target_latency: float = 0.0
+                      ) -> Callable[[Any], tuple[jax.Array, dict[str, jax.Array]]]:
+  """Builds `penalty(arch) -> (scalar, metrics)` for the architecture objective.
+
+  Args:
+    space: the search space.
+    input_shape: one image's (H, W, C).
+    num_classes: classifier outputs.
+    target_flops: FLOPs budget; 0 = none.
+    target_params: parameter budget; 0 = none.
+    resource_weight: weight of each `resource_penalty` term.
+    param_free_weight: weight of the `param_free_probability` collapse guard.
+    latency_table: from `measure_latency_table`; enables the latency term.
+    target_latency: latency budget in seconds; 0 = none.
+
+  Returns:
+    The penalty function; metrics hold expected_flops, expected_params (and
+    expected_latency) for logging.
+  """
+  def penalty(arch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    cost = expected_cost(arch, space, input_shape, num_classes)
+    total = (resource_penalty(cost["flops"], target_flops, resource_weight)
+             + resource_penalty(cost["params"], target_params, resource_weight)
+             + param_free_weight * param_free_probability(arch, space))
+    metrics = {"expected_flops": cost["flops"], "expected_params": cost["params"]}
+    if latency_table is not None:
+      latency = expected_latency(arch, space, latency_table)
+      total = total + resource_penalty(latency, target_latency, resource_weight)
+      metrics["expected_latency"] = latency
+    return total, metrics
+
+  return penalty
+
+
+def measure_latency_table(space: SearchSpace, input_shape: Sequence[int], batch_size: int = 1,
+                          repeats: int = 5) -> dict[str, float]:
+  """Times every (block, candidate) at full width on the current default device.
+
+  Each op is jitted alone and timed `repeats` times after a warm-up call; the median is
+  kept. Widths are not timed separately: `expected_latency` scales by the expected output
+  width, a first-order model that is fine for ranking but not for absolute numbers.
+
+  Args:
+    space: the search space.
+    input_shape: one image's (H, W, C).
+    batch_size: images per timed call.
+    repeats: timed calls per op.
+
+  Returns:
+    {"block_i/candidate": seconds}, JSON-serialisable.
+  """
+  from dsjax.models.supernet import Op  # Deferred: the model zoo imports dsjax.nas.
+
+  table, cache = {}, {}
+  height, width, channels = input_shape
+  c_in = space.stem_channels or channels
+  for index in range(space.num_blocks):
+    shape = (batch_size, height, width, c_in)
+    for candidate in space.candidates(index):
+      key = (candidate, shape, space.stride(index))
+      if key not in cache:
+        op = Op(candidate, space.max_channels, space.stride(index), space.activation)
+        x = jnp.ones(shape, jnp.float32)
+        variables = op.init(jax.random.PRNGKey(0), x)
+        fn = jax.jit(op.apply)
+        jax.block_until_ready(fn(variables, x))
+        times = []
+        for _ in range(repeats):
+          start = time.perf_counter()
+          jax.block_until_ready(fn(variables, x))
+          times.append(time.perf_counter() - start)
+        cache[key] = float(np.median(times))
+      table[f"block_{index}/{candidate}"] = cache[key]
+    height, width = space_lib.spatial_sizes(space, input_shape)[index]
+    c_in = space.max_channels
+  return table
+
+
+def expected_latency(arch: Mapping[str, Any], space: SearchSpace,
+                     table: Mapping[str, float]) -> jax.Array:
+  """Returns sum_i P(keep_i) sum_op P(op) * latency(op) * E[c_out,i] / max_channels."""
+  total = jnp.zeros((), jnp.float32)
+  widths = jnp.asarray(space.channels, jnp.float32) / space.max_channels
+  for index in range(space.num_blocks):
+    block = arch[f"block_{index}"]
+    p_op = relax_lib.probabilities(block["op_logits"])
+    scale = relax_lib.probabilities(block["channel_logits"]) @ widths
+    keep = relax_lib.probabilities(block["depth_logits"])[1] if space.optional(index) else 1.0
+    times = jnp.asarray([table[f"block_{index}/{c}"] for c in space.candidates(index)])
+    total = total + keep * scale * (p_op @ times)
+  return total

@@ -1,0 +1,199 @@
+"""The DNAS search space: which blocks exist, which ops and widths each may choose.
+
+A search space is a chain of `depth_range[1]` blocks after an optional 3x3 stem and
+before a classifier head. Block `i` picks one candidate op (a k x k convolution or a
+depthwise-separable k x k convolution for each kernel size, identity, zero), an output
+width among `channel_choices` values from `min_channels` to `max_channels`, and, when
+`i >= depth_range[0]`, whether it exists at all. Strides are fixed per block by the
+config; only mandatory blocks may stride, so skipping a block never changes resolution.
+
+Candidate names are "conv_3x3", "sep_conv_5x5", "identity", "zero". Identity is offered
+only in stride-1 blocks; where its input and output widths differ it zero-pads or drops
+trailing channels, which is exactly what the supernet's channel masks compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dsjax.errors import ConfigError
+
+OPS = ("conv", "sep_conv", "identity", "zero")
+HEADS = ("pool", "flatten", "none")
+ACTIVATIONS = ("relu", "silu", "gelu")
+PARAM_FREE = ("identity", "zero")
+
+
+def op_family(candidate: str) -> str:
+  """Returns the op family of a candidate name: "conv_3x3" -> "conv"."""
+  return candidate.rsplit("_", 1)[0] if candidate.endswith(tuple("0123456789")) else candidate
+
+
+def op_kernel(candidate: str) -> int | None:
+  """Returns the kernel size of a candidate name ("conv_3x3" -> 3), None for identity/zero."""
+  if op_family(candidate) in PARAM_FREE:
+    return None
+  return int(candidate.rsplit("x", 1)[1])
+
+
+def candidate_name(family: str, kernel_size: int | None) -> str:
+  """Returns the candidate name of an op family and kernel: ("conv", 3) -> "conv_3x3"."""
+  return family if family in PARAM_FREE else f"{family}_{kernel_size}x{kernel_size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """An immutable, hashable search space (usable as a Flax module attribute).
+
+  Attributes:
+    min_channels: the narrowest block width.
+    max_channels: the widest block width; the supernet computes at this width.
+    channel_choices: how many widths, evenly spaced from min to max (rounded).
+    depth_range: (min, max) number of blocks; blocks min..max-1 can be skipped.
+    kernel_sizes: odd kernel sizes offered to the conv and sep_conv ops.
+    ops: op families offered, a subset of `OPS`.
+    stem_channels: width of the 3x3 stem convolution; 0 feeds images to block 0.
+    strides: strides of the first len(strides) blocks; the rest stride 1.
+    head: "pool" (global average pool, then dense), "flatten" (flatten, then dense) or
+      "none" (the last block's feature map is the output: dense prediction, tests).
+    activation: nonlinearity after every convolution op and the stem; "silu" and "gelu"
+      are smooth, which second-order gradients (and their finite-difference checks) need
+      to be well defined.
+  """
+
+  min_channels: int = 16
+  max_channels: int = 64
+  channel_choices: int = 4
+  depth_range: tuple[int, int] = (2, 4)
+  kernel_sizes: tuple[int, ...] = (3, 5)
+  ops: tuple[str, ...] = OPS
+  stem_channels: int = 16
+  strides: tuple[int, ...] = ()
+  head: str = "pool"
+  activation: str = "relu"
+
+  def __post_init__(self) -> None:
+    for name in ("depth_range", "kernel_sizes", "ops", "strides"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    problems = self.problems()
+    if problems:
+      raise ConfigError("invalid DNAS search space: " + "; ".join(problems))
+
+  def problems(self) -> list[str]:
+    """Returns every impossible value, each as 'field: problem (fix)'."""
+    out = []
+    if not 1 <= self.min_channels <= self.max_channels:
+      out.append(f"min_channels={self.min_channels}, max_channels={self.max_channels}: need "
+                 "1 <= min_channels <= max_channels")
+    if self.channel_choices < 1:
+      out.append(f"channel_choices must be >= 1, got {self.channel_choices}")
+    if len(self.depth_range) != 2 or not 1 <= self.depth_range[0] <= self.depth_range[1]:
+      out.append(f"depth_range must be (min, max) with 1 <= min <= max, got {self.depth_range}")
+    unknown = [op for op in self.ops if op not in OPS]
+    if unknown or not self.ops:
+      out.append(f"ops must be a non-empty subset of {OPS}, got {self.ops}")
+    if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+      out.append(f"kernel_sizes must be odd positive integers, got {self.kernel_sizes}")
+    if self.stem_channels < 0:
+      out.append(f"stem_channels must be >= 0 (0: no stem), got {self.stem_channels}")
+    if any(s < 1 for s in self.strides):
+      out.append(f"strides must be >= 1, got {self.strides}")
+    if len(self.depth_range) == 2 and len(self.strides) > self.depth_range[1]:
+      out.append(f"strides has {len(self.strides)} entries but there are only "
+                 f"{self.depth_range[1]} blocks (depth_range[1])")
+    if len(self.depth_range) == 2 and any(
+        s > 1 for s in self.strides[self.depth_range[0]:]):
+      out.append(f"strides {self.strides} put a stride > 1 on an optional block (index >= "
+                 f"depth_range[0]={self.depth_range[0]}); move it to a mandatory block")
+    if self.head not in HEADS:
+      out.append(f"head must be one of {HEADS}, got {self.head!r}")
+    if self.activation not in ACTIVATIONS:
+      out.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    if not out and any(not self.candidates(i) for i in range(self.num_blocks)):
+      out.append(f"ops {self.ops} leave a strided block with no candidate; add conv or sep_conv")
+    return out
+
+  @property
+  def num_blocks(self) -> int:
+    """The number of searchable blocks, `depth_range[1]`."""
+    return self.depth_range[1]
+
+  @property
+  def channels(self) -> tuple[int, ...]:
+    """The width options, ascending and distinct."""
+    values = np.linspace(self.min_channels, self.max_channels, self.channel_choices)
+    return tuple(sorted({int(round(v)) for v in values}))
+
+  def stride(self, index: int) -> int:
+    """Returns the stride of block `index`."""
+    return self.strides[index] if index < len(self.strides) else 1
+
+  def optional(self, index: int) -> bool:
+    """Returns whether block `index` can be skipped (index >= depth_range[0])."""
+    return index >= self.depth_range[0]
+
+  def candidates(self, index: int) -> tuple[str, ...]:
+    """Returns the candidate op names of block `index`, in arch-logit order."""
+    out: list[str] = []
+    for family in self.ops:
+      if family in ("conv", "sep_conv"):
+        out.extend(candidate_name(family, k) for k in self.kernel_sizes)
+      elif family == "identity" and self.stride(index) == 1:
+        out.append("identity")
+      elif family == "zero":
+        out.append("zero")
+    return tuple(out)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns a JSON-serialisable form (tuples as lists)."""
+    return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)}
+
+
+def spatial_sizes(space: SearchSpace, input_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+  """Returns the (height, width) of each block's output for images of `input_shape` (H, W, C).
+
+  Args:
+    space: the search space.
+    input_shape: one image's shape, without the batch dimension.
+
+  Returns:
+    One (height, width) per block; SAME padding, so a stride s gives ceil(size / s).
+  """
+  height, width = input_shape[0], input_shape[1]
+  sizes = []
+  for index in range(space.num_blocks):
+    stride = space.stride(index)
+    height, width = math.ceil(height / stride), math.ceil(width / stride)
+    sizes.append((height, width))
+  return sizes
+
+
+def from_config(config: Mapping[str, Any] | SearchSpace) -> SearchSpace:
+  """Builds a search space from a config section (dict or ConfigDict).
+
+  Args:
+    config: the `model.backbone` section; keys are `SearchSpace` fields, plus an optional
+      `type` ("DNAS"), which is ignored. A SearchSpace is returned unchanged.
+
+  Returns:
+    The validated search space.
+
+  Raises:
+    ConfigError: an unknown key, or impossible values (every problem in one message).
+  """
+  if isinstance(config, SearchSpace):
+    return config
+  values = dict(config.items())
+  if str(values.pop("type", "DNAS")).upper() != "DNAS":
+    raise ConfigError(f"model.backbone.type must be 'DNAS' for a supernet, got {config['type']!r}")
+  known = {f.name for f in dataclasses.fields(SearchSpace)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(f"unknown DNAS search-space key(s) {unknown}; known: {sorted(known)}")
+  return SearchSpace(**values)
