@@ -6,7 +6,7 @@ position is just the step counter, with no iterator state to pickle.
 """
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -220,14 +220,14 @@ def get_dataset(data_config: Any) -> Dataset:
 
 
 def split_train_val(
-    num_examples: int, val_count: int, seed: int
+    num_examples: int, val_count: int, seed: int | Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
   """Deterministically picks `val_count` validation indices out of N.
 
   Args:
     num_examples: N, the number of training examples to split.
     val_count: how many go to validation.
-    seed: permutation seed.
+    seed: permutation seed (anything `np.random.default_rng` takes).
 
   Returns:
     (train_idx, val_idx), each sorted, disjoint and together covering N.

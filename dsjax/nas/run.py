@@ -16,24 +16,18 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 import tqdm
 
 from dsjax import data, models, precision
 from dsjax.config import validate
+from dsjax.data.pipeline import split_train_val
 from dsjax.errors import ConfigError
 from dsjax.nas import cost, derivation, search, space
 from dsjax.train import metrics as metrics_lib
 from dsjax.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
-
-
-def _halves(arrays: dict[str, np.ndarray], seed: int) -> tuple[dict, dict]:
-  order = np.random.default_rng([seed, 7]).permutation(len(arrays["label"]))
-  first, second = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
-  return ({k: v[first] for k, v in arrays.items()}, {k: v[second] for k, v in arrays.items()})
 
 
 def _temperature(search_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -64,7 +58,13 @@ def search_architecture(config: ml_collections.ConfigDict, workdir: str | Path) 
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   dataset = data.get_dataset(config.data)
-  train_half, val_half = _halves(dataset.splits["train"], config.data.split_seed)
+  train_split = dataset.splits["train"]
+  # A seed apart from the train/val split's, so the halves do not mirror that split.
+  arch_idx, weight_idx = split_train_val(len(train_split["label"]),
+                                         len(train_split["label"]) // 2,
+                                         [config.data.split_seed, 7])
+  train_half = {k: v[weight_idx] for k, v in train_split.items()}
+  val_half = {k: v[arch_idx] for k, v in train_split.items()}
   batch_size = config.train.batch_size
   train_iter = data.BatchIterator(train_half, batch_size, seed=config.seed)
   val_iter = data.BatchIterator(val_half, batch_size, seed=config.seed + 1)
