@@ -83,9 +83,7 @@ class PlanRuntime:
 
   def step(self, state: TrainState, batch: dict[str, Any], rng: jax.Array):
     """Runs the compiled step of the current plan (compiling it on first use)."""
-    if self.plan not in self._compiled:
-      self._compiled[self.plan] = self._step_fn.lower(state, batch, rng).compile()
-    return self._compiled[self.plan](state, batch, rng)
+    return self.compile(state, batch, rng)(state, batch, rng)
 
   def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array) -> Any:
     """Compiles the current plan's step ahead of the loop (for a clean compile time).
