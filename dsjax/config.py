@@ -41,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""  # Real-format datasets read from here; embedded ones ignore it.
   config.data.val_fraction = 0.1
   config.data.split_seed = 0
+  config.data.seq_len = 128  # Token data: tokens per packed sequence.
+  config.data.vocab_size = 8192  # Token data: WordPiece vocabulary trained on the corpus.
+  config.data.mlm_probability = 0.15  # Masked-LM: share of tokens predicted (80/10/10 rule).
+  config.data.num_examples = 0  # Synthetic data: examples generated; 0 is the loader's default.
+  config.data.augment = False  # Images: random crop + horizontal flip of training batches.
+  config.data.cache_dir = ""  # Derived artefacts (e.g. the tokenizer); "" is the workdir.
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 500

@@ -22,11 +22,14 @@ class Dataset:
     name: registry name of the dataset.
     splits: split name ('train', 'val', 'test') -> {'image': float32 NHWC
       array, 'label': int32 array [N]}.
-    num_classes: number of label classes.
+    num_classes: number of label classes (the vocabulary size for token data).
+    metadata: facts about the data a model or task needs (e.g. special token ids, the
+      Bayes-optimal AUC of a synthetic generator); JSON-serialisable.
   """
   name: str
   splits: dict[str, dict[str, np.ndarray]]
   num_classes: int
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def input_shape(self) -> tuple[int, ...]:

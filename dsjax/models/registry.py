@@ -30,6 +30,9 @@ class ModelSpec:
     check: `(model_config) -> list of problems` for values the types cannot rule out.
     searchable: a DNAS supernet: `dsjax-search` searches it; `dsjax-train` trains only
       the discrete network of a searched `model.architecture`.
+    task: what the model is trained for, naming a `dsjax.train.tasks` entry:
+      "classification" (images -> class logits), "mlm" (masked-language modelling),
+      "ctr" (binary click prediction).
   """
 
   name: str
@@ -39,6 +42,7 @@ class ModelSpec:
   config_file: str
   check: Callable[[Any], Iterable[str]] = lambda model_config: ()
   searchable: bool = False
+  task: str = "classification"
 
 
 def register(spec: ModelSpec) -> ModelSpec:
