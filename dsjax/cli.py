@@ -37,6 +37,9 @@ _SHORTHANDS = {
     "gradient-accumulation": "train.grad_accum_steps",
     "steps": "train.steps",
     "seed": "seed",
+    "coordinator": "distributed.coordinator",
+    "num-processes": "distributed.num_processes",
+    "process-id": "distributed.process_id",
 }
 
 FLAGS = flags.FlagValues()
@@ -56,6 +59,14 @@ flags.DEFINE_string("workdir", None, "Run folder; rerunning on it resumes.", fla
 flags.DEFINE_string("architecture", None, "dsjax-train of a DNAS model: the "
                     "architecture.json dsjax-search wrote (model.architecture).",
                     flag_values=FLAGS)
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=2,model=2,pipe=2 (axes pipe, data, "
+                    "fsdp, model; -1 takes the rest); sets config.mesh.", flag_values=FLAGS)
+flags.DEFINE_string("coordinator", None, "Multi-process runs: host:port of process 0 "
+                    "(config.distributed.coordinator).", flag_values=FLAGS)
+flags.DEFINE_integer("num-processes", None, "Multi-process runs: number of processes.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("process-id", None, "Multi-process runs: this process's index, "
+                     "0..num-processes-1.", flag_values=FLAGS)
 flags.DEFINE_bool("trace", False, "dsjax-profile: also write a jax.profiler trace to "
                   "WORKDIR/trace (TensorBoard profile plugin or Perfetto).", flag_values=FLAGS)
 
@@ -115,6 +126,11 @@ def _parse(argv: list[str]):
       raise ConfigError(f"--architecture applies to DNAS models (dnas-*), not "
                         f"{config.model.name}")
     config.model.architecture = FLAGS.architecture
+  if FLAGS.mesh is not None:
+    from dsjax.parallel.mesh import parse_mesh  # noqa: PLC0415 - imports jax.
+
+    for axis, size in parse_mesh(FLAGS.mesh).items():
+      config.mesh[axis] = size
   for flag, field in _SHORTHANDS.items():
     if FLAGS[flag].value is not None:
       section, _, key = field.rpartition(".")

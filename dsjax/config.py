@@ -110,6 +110,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.resource.target_params = 0.0
   config.resource.penalty_weight = 0.0
 
+  # Device mesh (dsjax.parallel.mesh): one axis may be -1, "the rest of the devices".
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.pipe = 1
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.model = 1
+  config.parallel = ml_collections.ConfigDict()
+  # Overrides of the logical -> mesh axis rules, e.g. "embed=model,vocab=none".
+  config.parallel.rules = ""
+  config.parallel.microbatches = 0  # Pipeline micro-batches; 0 means 2 x mesh.pipe.
+  # Multi-process runs (dsjax.parallel.distributed); flags --coordinator etc. set these.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator = ""  # host:port of process 0.
+  config.distributed.num_processes = 0  # 0: single process (or detected from the cluster).
+  config.distributed.process_id = -1
+  config.distributed.initialization_timeout = 300
+  config.distributed.cluster_detection = True  # Slurm, Kubernetes, Cloud TPU environments.
+
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
   config.checkpoint.max_to_keep = 3
@@ -232,6 +250,11 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
     problems.append(f"precision: {error}")
   check(0 <= config.data.val_fraction < 0.5,
         f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
+  for axis, size in config.mesh.items():
+    check(size >= 1 or size == -1, f"mesh.{axis} must be >= 1 or -1 (the rest), got {size}")
+  check(config.parallel.microbatches >= 0,
+        f"parallel.microbatches must be >= 0 (0: 2 x mesh.pipe), got "
+        f"{config.parallel.microbatches}")
   check(config.checkpoint.every_steps >= 1,
         f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
   check(config.checkpoint.max_to_keep >= 1,

@@ -23,8 +23,10 @@ import benchlib  # noqa: E402
 
 from dsjax import config as config_lib  # noqa: E402
 from dsjax import data, models, precision  # noqa: E402
-from dsjax.train import create_train_state, make_train_step  # noqa: E402
+from dsjax.train import Task, create_train_state, make_train_step  # noqa: E402
 from dsjax.train.optim import build_optimizer  # noqa: E402
+
+CLS = Task("classification")
 
 
 def bench(preset: str, collect_stats: bool, args: argparse.Namespace) -> dict[str, float]:
@@ -39,7 +41,7 @@ def bench(preset: str, collect_stats: bool, args: argparse.Namespace) -> dict[st
                              precision.loss_scale_for(policy))
   batch = data.BatchIterator(dataset.splits["train"], args.batch_size, seed=0).batch(0)
   batch = jax.device_put(batch)
-  step_fn = jax.jit(make_train_step(1, lr, collect_stats=collect_stats), donate_argnums=(0,))
+  step_fn = jax.jit(make_train_step(CLS, 1, lr, collect_stats=collect_stats), donate_argnums=(0,))
   holder = {"state": state}
   rng = jax.random.PRNGKey(0)
 

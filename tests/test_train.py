@@ -8,8 +8,10 @@ import pytest
 
 from dsjax import config as config_lib
 from dsjax import data, models
-from dsjax.train import create_train_state, make_train_step, train_and_evaluate
+from dsjax.train import Task, create_train_state, make_train_step, train_and_evaluate
 from dsjax.train.optim import build_optimizer
+
+CLS = Task("classification")
 
 
 def _setup(batch_size=32, optimizer="sgd"):
@@ -36,8 +38,8 @@ def _reference_loss(params, state, batch):
 def test_grad_accumulation_equals_one_big_batch(accum):
   state, batch, lr = _setup(batch_size=32)
   params_before = jax.tree.map(np.asarray, state.params)
-  big, big_metrics = jax.jit(make_train_step(1, lr))(state, batch, jax.random.PRNGKey(1))
-  accumulated, acc_metrics = jax.jit(make_train_step(accum, lr))(state, batch,
+  big, big_metrics = jax.jit(make_train_step(CLS, 1, lr))(state, batch, jax.random.PRNGKey(1))
+  accumulated, acc_metrics = jax.jit(make_train_step(CLS, accum, lr))(state, batch,
                                                                  jax.random.PRNGKey(1))
   # float32 sums of 32 per-example gradients taken in a different order: a few ulps.
   for a, b, before in zip(jax.tree.leaves(big.params), jax.tree.leaves(accumulated.params),
@@ -54,7 +56,7 @@ def test_step_matches_reference_sgd_update():
                                                                         batch)
   expected = jax.tree.map(lambda p, g: np.asarray(p) - 0.1 * np.asarray(g), state.params,
                           reference_grads)
-  new_state, metrics = jax.jit(make_train_step(1, lr))(state, batch, jax.random.PRNGKey(0))
+  new_state, metrics = jax.jit(make_train_step(CLS, 1, lr))(state, batch, jax.random.PRNGKey(0))
   np.testing.assert_allclose(metrics["loss"], reference_loss, rtol=1e-6)
   np.testing.assert_allclose(metrics["learning_rate"], 0.1)
   grad_norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
@@ -69,7 +71,7 @@ def test_step_matches_reference_sgd_update():
 
 def test_train_step_donates_state():
   state, batch, lr = _setup(batch_size=16, optimizer="adamw")
-  step_fn = jax.jit(make_train_step(2, lr), donate_argnums=(0,))
+  step_fn = jax.jit(make_train_step(CLS, 2, lr), donate_argnums=(0,))
   leaf = jax.tree.leaves(state.params)[0]
   new_state, _ = step_fn(state, batch, jax.random.PRNGKey(0))
   assert leaf.is_deleted()
@@ -100,8 +102,8 @@ def test_reduced_precision_step_tracks_fp32(preset):
   config.model.features, config.model.dense_features = (4, 8), 16
   half_model = models.get_spec("cnn-digits").build(config.model, 10, dtype)
   half_state = state.replace(apply_fn=half_model.apply)
-  _, full = jax.jit(make_train_step(1, lr))(state, batch, jax.random.PRNGKey(0))
-  new_half, half = jax.jit(make_train_step(1, lr))(half_state, batch, jax.random.PRNGKey(0))
+  _, full = jax.jit(make_train_step(CLS, 1, lr))(state, batch, jax.random.PRNGKey(0))
+  new_half, half = jax.jit(make_train_step(CLS, 1, lr))(half_state, batch, jax.random.PRNGKey(0))
   np.testing.assert_allclose(half["loss"], full["loss"], rtol=2e-2)
   np.testing.assert_allclose(half["grad_norm"], full["grad_norm"], rtol=5e-2)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_half.params))
@@ -112,7 +114,7 @@ def test_nonfinite_step_is_skipped_and_scale_backs_off():
 
   state, batch, lr = _setup(batch_size=16, optimizer="adamw")
   state = state.replace(loss_scale=precision.dynamic_loss_scale(2.0**15))
-  step_fn = jax.jit(make_train_step(2, lr))
+  step_fn = jax.jit(make_train_step(CLS, 2, lr))
   image = batch["image"].copy()
   image[3, 0, 0, 0] = np.inf
   poisoned = dict(batch, image=image)
@@ -142,8 +144,8 @@ def test_half_residuals_keep_the_gradients():
   config.model.features, config.model.dense_features = (4, 8), 16
   half_model = models.get_spec("cnn-digits").build(config.model, 10, jnp.bfloat16)
   state = state.replace(apply_fn=half_model.apply)
-  plain, plain_metrics = jax.jit(make_train_step(1, lr))(state, batch, jax.random.PRNGKey(0))
-  remat, remat_metrics = jax.jit(make_train_step(1, lr, half_residuals=True))(
+  plain, plain_metrics = jax.jit(make_train_step(CLS, 1, lr))(state, batch, jax.random.PRNGKey(0))
+  remat, remat_metrics = jax.jit(make_train_step(CLS, 1, lr, half_residuals=True))(
       state, batch, jax.random.PRNGKey(0))
   np.testing.assert_allclose(remat_metrics["loss"], plain_metrics["loss"], rtol=1e-6)
   np.testing.assert_allclose(remat_metrics["grad_norm"], plain_metrics["grad_norm"], rtol=2e-2)
@@ -165,7 +167,7 @@ def test_pallas_dense_trains_like_xla():
     model = models.get_spec("cnn-digits").build(config.model, 10, jnp.float32)
     tx, lr = build_optimizer(config.optimizer, 10)
     state = create_train_state(model, tx, dataset.input_shape, seed=0)
-    step_fn = jax.jit(make_train_step(1, lr))
+    step_fn = jax.jit(make_train_step(CLS, 1, lr))
     losses = []
     for step in range(5):
       state, metrics = step_fn(state, batches.batch(step), jax.random.PRNGKey(step))

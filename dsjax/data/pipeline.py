@@ -83,6 +83,8 @@ class BatchIterator:
           f"{self.num_examples}.")
     self.steps_per_epoch = self.num_examples // self.batch_size
     self.step = 0
+    # (start, stop): this process's rows of every batch (multi-process runs); None: all.
+    self.rows: tuple[int, int] | None = None
     self._cached_epoch = -1
     self._cached_order = np.arange(0)
 
@@ -111,6 +113,8 @@ class BatchIterator:
     epoch, within = divmod(int(step), self.steps_per_epoch)
     start = within * self.batch_size
     idx = self._order(epoch)[start:start + self.batch_size]
+    if self.rows is not None:
+      idx = idx[self.rows[0]:self.rows[1]]  # Gather only the rows this process feeds.
     return {k: v[idx] for k, v in self.arrays.items()}
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

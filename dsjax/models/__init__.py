@@ -1,6 +1,7 @@
 """Model zoo. Importing this package registers every model by name."""
 
 from dsjax.models import (
+    bert,  # noqa: F401  (registers bert-tiny, bert-mini, bert-base)
     cnn,  # noqa: F401  (registers cnn-digits, cnn-cifar10)
     supernet,  # noqa: F401  (registers dnas-digits, dnas-cifar10)
 )

@@ -45,9 +45,12 @@ class CNN(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     dense = {"matmul_impl": self.matmul_impl, **precision}
-    x = nn.relu(dsnn.Dense(self.dense_features, name="hidden", **dense)(x))
+    # Tensor parallel on `model`: the hidden layer column-split, the classifier row-split.
+    x = nn.relu(dsnn.Dense(self.dense_features, kernel_axes=("embed", "mlp"), name="hidden",
+                           **dense)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = dsnn.Dense(self.num_classes, name="classifier", **dense)(x)
+    logits = dsnn.Dense(self.num_classes, kernel_axes=("mlp", None), name="classifier",
+                        **dense)(x)
     # Losses and softmax are numerically sensitive: hand them float32 logits.
     return logits.astype(jnp.float32)
 

@@ -33,6 +33,8 @@ class ModelSpec:
     task: what the model is trained for, naming a `dsjax.train.tasks` entry:
       "classification" (images -> class logits), "mlm" (masked-language modelling),
       "ctr" (binary click prediction).
+    pipelined: its layer stack can run as pipeline stages over the `pipe` mesh axis: the
+      module has `num_stages` and `num_microbatches` attributes.
   """
 
   name: str
@@ -43,6 +45,7 @@ class ModelSpec:
   check: Callable[[Any], Iterable[str]] = lambda model_config: ()
   searchable: bool = False
   task: str = "classification"
+  pipelined: bool = False
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,7 +18,9 @@ import tqdm
 from dsjax import data, models, precision, profile
 from dsjax.config import validate
 from dsjax.errors import CheckpointError, ConfigError
-from dsjax.train import checkpoint, metrics, optim, precision_plan, step
+from dsjax.parallel import distributed, sharding
+from dsjax.parallel import mesh as parallel_mesh
+from dsjax.train import checkpoint, metrics, optim, precision_plan, step, tasks
 from dsjax.train.state import TrainState, create_train_state
 
 log = logging.getLogger(__name__)
@@ -28,24 +31,52 @@ _RESUME_INVARIANT = ("seed", "model", "data", "optimizer", "precision")
 
 
 def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
-             batch_size: int) -> dict[str, float]:
-  """Mean loss and accuracy over every example of a split.
+             batch_size: int, mesh: jax.sharding.Mesh | None = None,
+             rules: Any = ()) -> dict[str, float]:
+  """Mean loss and accuracy (AUC for click prediction) over every example of a split.
 
   Args:
     state: the train state.
-    eval_fn: the jitted `step.eval_step`.
-    arrays: the split, `{'image': ..., 'label': ...}`.
-    batch_size: examples per eval batch (the last one is padded and masked).
+    eval_fn: the jitted `step.make_eval_step(task)`.
+    arrays: the split, e.g. `{'image': ..., 'label': ...}`.
+    batch_size: examples per eval batch (the last one is padded and masked); rounded up
+      to a multiple of the mesh's batch shards.
+    mesh: the device mesh the state lives on; None: the default device.
+    rules: logical -> mesh axis rules.
 
   Returns:
-    `{'loss': ..., 'accuracy': ...}`.
+    `{'loss': ..., 'accuracy': ...}` (plus `'auc'` when the task scores examples).
   """
+  if mesh is not None:
+    ways = parallel_mesh.batch_divisor(mesh)
+    batch_size = -(-batch_size // ways) * ways
   totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
-  for batch, mask in data.eval_batches(arrays, batch_size):
-    for key, value in jax.device_get(eval_fn(state, batch, mask)).items():
-      totals[key] += float(value)
+  scores, masks = [], []
+  context = sharding.context(mesh, rules) if mesh is not None else contextlib.nullcontext()
+  with context:
+    for index, (batch, mask) in enumerate(data.eval_batches(arrays, batch_size)):
+      host_mask = mask
+      if mesh is not None:
+        batch_sharding = sharding.batch_sharding(mesh)
+        start, stop = sharding.local_rows(batch_sharding, batch_size)
+        batch = sharding.global_batch({k: v[start:stop] for k, v in batch.items()},
+                                      batch_sharding, batch_size)
+        mask = sharding.global_batch({"mask": mask[start:stop]}, batch_sharding,
+                                     batch_size)["mask"]
+      out = jax.device_get(eval_fn(state, batch, mask, jax.random.PRNGKey(index)))
+      if "score" in out:
+        scores.append(np.asarray(out.pop("score")))
+        masks.append(host_mask)
+      for key, value in out.items():
+        totals[key] += float(value)
   count = max(totals["count"], 1.0)
-  return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct_sum"] / count}
+  result = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct_sum"] / count}
+  if scores:
+    keep = np.concatenate(masks) > 0
+    labels = np.asarray(arrays["label"])
+    from dsjax.data import ctr  # noqa: PLC0415 - only click-prediction runs score AUC.
+    result["auc"] = ctr.roc_auc(labels, np.concatenate(scores)[keep])
+  return result
 
 
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -86,27 +117,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     The summary: final validation and test metrics, steps, throughput.
   """
   validate(config)
+  distributed.initialize(config.distributed)  # Before anything touches a device.
+  primary = distributed.is_primary()
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
+  mesh = parallel_mesh.make_mesh(config.mesh)
+  rules = sharding.parse_rules(config.parallel.rules)
+  sharding.check_batch(mesh, train_cfg.batch_size // train_cfg.grad_accum_steps,
+                       "train.batch_size / train.grad_accum_steps (the micro-batch)",
+                       "set the batch size (or the micro-batch count)")
 
-  dataset = data.get_dataset(config.data)
+  data_config = config.data.copy_and_resolve_references()
+  data_config.cache_dir = data_config.cache_dir or str(workdir)
+  dataset = data.get_dataset(data_config)
   policy = precision.get_policy(config.precision.policy)
   spec = models.get_spec(config.model.name)
   if spec.searchable and not config.model.architecture:
     raise ConfigError(f"model {config.model.name} is a DNAS supernet: run dsjax-search first, "
                       "then retrain its result with --architecture W/architecture.json")
+  build = _pipelined_builder(spec, config, mesh)
+  task = tasks.make_task(spec.task, config.data, dataset.metadata)
+  tasks.check_dataset(task, dataset.splits, config.model.name, dataset.name)
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
   plans = precision_plan.PlanRuntime(
       config.precision,
-      lambda plan, dtype: spec.build(config.model, dataset.num_classes, dtype, plan),
+      lambda plan, dtype: build(config.model, dataset.num_classes, dtype, plan),
       lambda collect_stats: step.make_train_step(
-          train_cfg.grad_accum_steps, learning_rate_fn, collect_stats=collect_stats,
-          half_residuals=config.precision.half_residuals))
+          task, train_cfg.grad_accum_steps, learning_rate_fn, collect_stats=collect_stats,
+          half_residuals=config.precision.half_residuals),
+      task=task, mesh=mesh, rules=rules)
   loss_scale = precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
-  state = create_train_state(plans.model(), tx, dataset.input_shape, config.seed, loss_scale)
+  log.info("mesh %s", parallel_mesh.describe(mesh))
+  with plans.context():
+    state = create_train_state(plans.model(), tx, task.example_batch(dataset.splits["train"]),
+                               config.seed, loss_scale, task=task, mesh=mesh, rules=rules)
   train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
                                   seed=config.seed)
+  batch_sharding = sharding.batch_sharding(mesh)
+  # Each process reads only its own rows of every global batch.
+  train_iter.rows = sharding.local_rows(batch_sharding, train_cfg.batch_size)
+
+  def global_batch(host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return sharding.global_batch(host_batch, batch_sharding, train_cfg.batch_size)
 
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints",
                                          max_to_keep=config.checkpoint.max_to_keep,
@@ -120,15 +173,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state = plans.bind(state)
     log.info("resuming from step %d", latest)
   start_step = int(state.step)
-  metrics.write_json(workdir / "config.json", json.loads(config.to_json()))
+  if primary:
+    metrics.write_json(workdir / "config.json", json.loads(config.to_json()))
   writer = metrics.MetricWriter(workdir, tensorboard=config.logging.tensorboard,
                                 resume_step=start_step)
 
-  eval_fn = jax.jit(step.eval_step)
+  eval_fn = jax.jit(step.make_eval_step(task), out_shardings=sharding.replicated(mesh))
   compile_start = time.perf_counter()
   memory, collectives = {}, {}
   if start_step < train_cfg.steps:
-    compiled = plans.compile(state, train_iter.batch(start_step), state.rng)
+    compiled = plans.compile(state, global_batch(train_iter.batch(start_step)),
+                             jax.device_put(state.rng, sharding.replicated(mesh)))
     memory = profile.memory_report(compiled, state.params, state.opt_state)
     collectives = profile.collective_bytes(compiled)
   compile_time = time.perf_counter() - compile_start
@@ -136,13 +191,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       half_precision=jnp.dtype(policy.compute_dtype) != jnp.float32)
 
   progress = tqdm.tqdm(total=train_cfg.steps, initial=start_step, unit="step",
-                       disable=None if config.logging.progress_bar else True)
+                       disable=None if config.logging.progress_bar and primary else True)
   window_start, window_steps, train_time = time.perf_counter(), 0, 0.0
   data_time = host_time = 0.0  # Per logging window: waiting for data, dispatching.
   try:
     for step_index in range(start_step, train_cfg.steps):
       data_start = time.perf_counter()
-      batch = next(train_iter)
+      batch = global_batch(next(train_iter))
       host_start = time.perf_counter()
       state, step_metrics = plans.step(state, batch, jax.random.fold_in(state.rng, step_index))
       done = step_index + 1
@@ -163,8 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                   data_time / window_steps, host_time / window_steps))
         if done == window_steps + start_step:
           record["compile_time_s"] = compile_time
-        if is_eval and len(dataset.splits["val"]["label"]):
-          val = evaluate(state, eval_fn, dataset.splits["val"], train_cfg.eval_batch_size)
+        if is_eval and _num_examples(dataset.splits.get("val")):
+          val = evaluate(state, eval_fn, dataset.splits["val"], train_cfg.eval_batch_size,
+                         mesh, rules)
           record.update({f"eval_{key}": value for key, value in val.items()})
         writer.write(done, record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
@@ -180,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     checkpointer.close()
 
   summary: dict[str, Any] = {"steps": int(state.step), "compile_time_s": compile_time,
+                             "mesh": dict(mesh.shape), "processes": jax.process_count(),
                              "flops_per_step": plans.flops_per_step(),
                              "peak_flops": peak_flops, "peak_flops_source": peak_source}
   if memory:
@@ -187,14 +244,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if train_time > 0:
     summary["train_time_s"] = train_time
   for split, prefix in (("val", "eval"), ("test", "test")):
-    if len(dataset.splits.get(split, {}).get("label", ())):
-      result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size)
+    if _num_examples(dataset.splits.get(split)):
+      result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size,
+                        mesh, rules)
       summary.update({f"{prefix}_{key}": value for key, value in result.items()})
   log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                   if isinstance(v, int | float)))
   writer.close()
-  metrics.write_json(workdir / "summary.json", summary)
+  if primary:
+    metrics.write_json(workdir / "summary.json", summary)
   return summary
+
+
+def _pipelined_builder(spec: models.ModelSpec, config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh) -> Any:
+  """The model builder, with the layer stack split into `mesh.pipe` stages."""
+  stages = mesh.shape["pipe"]
+  if stages == 1:
+    return spec.build
+  if not spec.pipelined:
+    pipelined = [name for name in models.known_models() if models.get_spec(name).pipelined]
+    raise ConfigError(f"mesh pipe={stages}, but model {spec.name} has no layer stack to split "
+                      f"into pipeline stages; use pipe=1 (pipelined models: "
+                      f"{', '.join(pipelined)})")
+  microbatches = config.parallel.microbatches or 2 * stages
+  micro_batch = config.train.batch_size // config.train.grad_accum_steps
+  if micro_batch % microbatches:
+    raise ConfigError(f"the micro-batch of {micro_batch} examples (train.batch_size / "
+                      f"grad_accum_steps) does not split into parallel.microbatches="
+                      f"{microbatches} pipeline micro-batches; pick a count that divides "
+                      f"{micro_batch}")
+  layers = config.model.get("num_layers", stages)
+  if layers % stages:
+    raise ConfigError(f"model.num_layers={layers} does not split into mesh pipe={stages} "
+                      "pipeline stages; use a pipe size that divides the layer count")
+
+  def build(*args: Any) -> Any:
+    return spec.build(*args).clone(num_stages=stages, num_microbatches=microbatches)
+  return build
+
+
+def _num_examples(split: dict[str, np.ndarray] | None) -> int:
+  return len(next(iter(split.values()))) if split else 0
 
 
 

@@ -5,6 +5,7 @@ controller, and the metrics the plan defines (`fp16_matmul_flops_fraction`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +17,11 @@ import ml_collections
 
 from dsjax import precision, profile
 from dsjax.nn import PrecisionPlan
+from dsjax.parallel import mesh as parallel_mesh
+from dsjax.parallel import sharding
 from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
+from dsjax.train.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,22 @@ class PlanRuntime:
   A plan change rebinds the state's `apply_fn` and switches to that plan's compiled step
   (compiled once, on first use); a plan seen before costs nothing.
 
+  Every step is compiled with explicit shardings: the state keeps the shardings it was
+  created (or restored) with, the batch is split over the mesh's batch axes, the metrics
+  are replicated; tracing sees the mesh and the logical axis rules.
+
   Args:
     precision_config: the `precision` config section.
     build_model: makes the model for a plan and a compute dtype.
     make_step: `make_step(collect_stats) -> train_step`.
+    task: the training task (reads the model's arguments for the error probe).
+    mesh: the device mesh; None: a one-device mesh.
+    rules: logical -> mesh axis rules.
   """
 
   def __init__(self, precision_config: ml_collections.ConfigDict, build_model: ModelBuilder,
-               make_step: Callable[[bool], Callable[..., Any]]):
+               make_step: Callable[[bool], Callable[..., Any]], *, task: Task | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules: Any = ()):
     self.compute_dtype = precision.get_policy(precision_config.policy).compute_dtype
     self.controller = None
     if controller_enabled(precision_config):
@@ -61,7 +73,10 @@ class PlanRuntime:
       self.check_every = knobs.check_every_steps
       self.error_check_every = knobs.error_check_every_steps
     self._build = build_model
-    self._step_fn = jax.jit(make_step(self.controller is not None), donate_argnums=(0,))
+    self.task = task or Task("classification")
+    self.mesh = mesh or parallel_mesh.make_mesh({}, jax.devices()[:1])
+    self.rules = rules
+    self._step_fn = make_step(self.controller is not None)
     self._models: dict[PrecisionPlan | None, nn.Module] = {}
     self._compiled: dict[PrecisionPlan | None, Any] = {}
     self._probes: dict[PrecisionPlan | None, Any] = {}
@@ -81,8 +96,13 @@ class PlanRuntime:
     """Points the state's `apply_fn` at the current plan's model."""
     return state.replace(apply_fn=self.model().apply)
 
+  def context(self) -> contextlib.AbstractContextManager:
+    """The mesh and logical axis rules, for tracing anything that runs on the mesh."""
+    return sharding.context(self.mesh, self.rules)
+
   def step(self, state: TrainState, batch: dict[str, Any], rng: jax.Array):
     """Runs the compiled step of the current plan (compiling it on first use)."""
+    rng = jax.device_put(rng, sharding.replicated(self.mesh))
     return self.compile(state, batch, rng)(state, batch, rng)
 
   def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array) -> Any:
@@ -92,7 +112,13 @@ class PlanRuntime:
       The compiled step, for cost and memory analysis.
     """
     if self.plan not in self._compiled:
-      self._compiled[self.plan] = self._step_fn.lower(state, batch, rng).compile()
+      replicated = sharding.replicated(self.mesh)
+      state_shardings = jax.tree.map(lambda x: getattr(x, "sharding", replicated), state)
+      batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch)
+      jitted = jax.jit(self._step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+      with self.context():
+        self._compiled[self.plan] = jitted.lower(state, batch, rng).compile()
     return self._compiled[self.plan]
 
   def flops_per_step(self) -> float:
@@ -122,7 +148,8 @@ class PlanRuntime:
     self._matmul_flops = {path: float(record["matmul_flops"]) for path, record in stats.items()}
     errors = None
     if step % self.error_check_every == 0:
-      errors = jax.device_get(self._probe()(state.params, state.model_state, batch["image"]))
+      with self.context():
+        errors = jax.device_get(self._probe()(state.params, state.model_state, batch))
     events_before = len(self.controller.events)
     if self.controller.observe(step, stats, errors):
       for event in self.controller.events[events_before:]:
@@ -135,16 +162,18 @@ class PlanRuntime:
     if self.plan not in self._probes:
       half_model, fp32_model = self.model(), self._build(None, jnp.float32)
 
-      def probe(params, model_state, images):
+      def probe(params, model_state, batch):
         variables = {"params": params, **model_state}
+        batch = self.task.prepare(batch, jax.random.PRNGKey(0), train=False)
+        args, kwargs = self.task.model_args(batch)
         outputs = []
         for model in (half_model, fp32_model):
-          _, captured = model.apply(variables, images, train=False,
+          _, captured = model.apply(variables, *args, train=False, **kwargs,
                                     capture_intermediates=True, mutable=["intermediates"])
           outputs.append(captured["intermediates"])
         return adaptive.relative_errors(*outputs)
 
-      self._probes[self.plan] = jax.jit(probe)
+      self._probes[self.plan] = jax.jit(probe, out_shardings=sharding.replicated(self.mesh))
     return self._probes[self.plan]
 
   def log_fields(self) -> dict[str, Any]:

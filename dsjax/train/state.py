@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +13,8 @@ import optax
 from flax import struct
 
 from dsjax import precision
+from dsjax.parallel import sharding
+from dsjax.train.tasks import Task
 
 
 @struct.dataclass
@@ -49,30 +52,56 @@ class TrainState:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape: tuple[int, ...], seed: int,
-                       loss_scale: precision.LossScale | None = None) -> TrainState:
-  """Initialises a fresh train state.
+                       inputs: tuple[int, ...] | Mapping[str, Any], seed: int,
+                       loss_scale: precision.LossScale | None = None, *,
+                       task: Task | None = None, mesh: jax.sharding.Mesh | None = None,
+                       rules: Any = ()) -> TrainState:
+  """Initialises a fresh train state, born sharded when a mesh is given.
 
   Args:
-    model: the Flax module; called as `model.apply(variables, x, train=...)`.
+    model: the Flax module.
     tx: the weight optimizer.
-    input_shape: the shape of one example (no batch dimension).
+    inputs: one example's image shape (no batch dimension), or an example batch from which
+      `task` picks the model's arguments.
     seed: the run's seed; init and training keys both derive from it.
     loss_scale: the loss scale to start from; a no-op one when None.
+    task: reads the model's arguments from `inputs` (default: image classification).
+    mesh: the device mesh; params and optimizer state are created directly in the
+      shardings the logical axis `rules` give them (never whole on one device).
+    rules: logical -> mesh axis rules (`dsjax.parallel.sharding.parse_rules`).
 
   Returns:
     A TrainState at step 0 with float32 params.
   """
-  def init(seed_key: jax.Array) -> TrainState:
-    init_rng, train_rng = jax.random.split(seed_key)
-    dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    variables = dict(model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False))
-    # Logical-axis boxes matter only when sharding; the state holds plain arrays.
-    params = nn.meta.unbox(variables.pop("params"))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=tx.init(params), rng=train_rng,
-                      loss_scale=loss_scale or precision.NoOpLossScale(),
-                      apply_fn=model.apply, tx=tx)
+  task = task or Task("classification")
+  if isinstance(inputs, Mapping):
+    args, kwargs = task.model_args({k: jnp.asarray(v) for k, v in inputs.items()})
+  else:
+    args, kwargs = (jnp.zeros((1, *inputs), jnp.float32),), {}
 
-  # One compiled program instead of hundreds of eagerly dispatched initialiser ops.
-  return jax.jit(init)(jax.random.PRNGKey(seed))
+  def init(seed_key: jax.Array, unbox: bool = True) -> TrainState:
+    init_rng, train_rng = jax.random.split(seed_key)
+    variables = dict(model.init({"params": init_rng, "dropout": init_rng}, *args, train=False,
+                                **kwargs))
+    params = variables.pop("params")
+    # The optimizer state mirrors the (boxed) params, so it inherits their logical axes.
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                       opt_state=tx.init(params), rng=train_rng,
+                       loss_scale=loss_scale or precision.NoOpLossScale(),
+                       apply_fn=model.apply, tx=tx)
+    # Logical-axis boxes serve only to derive shardings; the state holds plain arrays.
+    return nn.meta.unbox(state) if unbox else state
+
+  key = jax.random.PRNGKey(seed)
+  if mesh is None:
+    # One compiled program instead of hundreds of eagerly dispatched initialiser ops.
+    return jax.jit(init)(key)
+  shardings = state_shardings(init, key, mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(key)
+
+
+def state_shardings(init: Callable[..., TrainState], key: jax.Array, mesh: jax.sharding.Mesh,
+                    rules: Any) -> TrainState:
+  """The shardings of the state `init(key)` makes, from its logical axis names."""
+  abstract = jax.eval_shape(functools.partial(init, unbox=False), key)
+  return sharding.logical_shardings(abstract, mesh, rules)

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,42 +20,58 @@ from dsjax import precision
 from dsjax.nn import STATS, save_half_residuals
 from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
+from dsjax.train.tasks import Task
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _forward(state: TrainState, params: Any, model_state: Any, batch: Batch, rng: jax.Array,
-             train: bool, collect_stats: bool = False) -> tuple[jax.Array, jax.Array, Any, Any]:
-  """Runs the model.
+def _forward(state: TrainState, task: Task, params: Any, model_state: Any, batch: Batch,
+             rng: jax.Array, train: bool,
+             collect_stats: bool = False) -> tuple[dict[str, jax.Array], Any, Any]:
+  """Prepares the batch on device and runs the model.
 
   Returns:
-    Per-example loss, per-example correctness, the new model state, and the per-layer
-    precision statistics (`{}` unless `collect_stats`).
+    The task's per-example scores (`loss`, `correct`, `weight`, ...), the new model state,
+    and the per-layer precision statistics (`{}` unless `collect_stats`).
   """
+  prepare_rng, dropout_rng = jax.random.split(rng)
+  batch = task.prepare(batch, prepare_rng, train=train)
+  args, kwargs = task.model_args(batch)
   variables = {"params": params, **model_state}
   mutable = (list(model_state) if train else []) + ([STATS] if collect_stats else [])
   stats = {}
   if mutable:
-    logits, mutated = state.apply_fn(variables, batch["image"], train=train,
-                                     rngs={"dropout": rng}, mutable=mutable)
+    outputs, mutated = state.apply_fn(variables, *args, train=train, **kwargs,
+                                      rngs={"dropout": dropout_rng}, mutable=mutable)
     mutated = dict(mutated)
     stats = adaptive.collect_layer_stats(mutated.pop(STATS, {}))
     model_state = mutated if train else model_state
   else:
-    logits = state.apply_fn(variables, batch["image"], train=train, rngs={"dropout": rng})
-  logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return loss, correct, model_state, stats
+    outputs = state.apply_fn(variables, *args, train=train, **kwargs,
+                             rngs={"dropout": dropout_rng})
+  return task.score(outputs, batch), model_state, stats
 
 
-def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
+def _split_micro_batches(batch: Batch, count: int) -> Batch:
+  """[B, ...] -> [count, B / count, ...]; micro-batch k holds rows k, k + count, ...
+
+  Strided rather than contiguous: with the batch sharded over devices in contiguous
+  blocks, every device keeps its own rows in every micro-batch (no data movement).
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "batch"))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
                     collect_stats: bool = False,
                     half_residuals: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds the training step.
 
   Args:
+    task: what the model is trained for (`dsjax.train.tasks`).
     grad_accum_steps: K; the batch's leading dimension splits into K equal micro-batches.
     learning_rate_fn: the schedule, logged as `learning_rate`.
     collect_stats: also return the layers' precision statistics as
@@ -71,14 +88,17 @@ def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
   """
 
   def micro_step(state: TrainState, model_state: Any, micro_batch: Batch, rng: jax.Array):
-    forward = functools.partial(_forward, state, train=True, collect_stats=collect_stats)
+    forward = functools.partial(_forward, state, task, train=True, collect_stats=collect_stats)
     if half_residuals:
       forward = jax.checkpoint(forward, policy=save_half_residuals)
 
     def loss_fn(params):
-      loss, correct, new_model_state, stats = forward(params, model_state, micro_batch, rng)
-      loss = loss.mean()
-      return state.loss_scale.scale(loss), (loss, correct.mean(), new_model_state, stats)
+      scores, new_model_state, stats = forward(params, model_state, micro_batch, rng)
+      # Mean over the scored units (examples, or masked tokens); never divide by zero.
+      weight = jnp.maximum(jnp.sum(scores["weight"]), 1.0)
+      loss = jnp.sum(scores["loss"]) / weight
+      accuracy = jnp.sum(scores["correct"]) / weight
+      return state.loss_scale.scale(loss), (loss, accuracy, new_model_state, stats)
 
     # Gradients of the scaled loss: float16 backward values stay above underflow.
     (_, (loss, accuracy, model_state, stats)), grads = jax.value_and_grad(
@@ -90,9 +110,7 @@ def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
       grads, loss, accuracy, model_state, stats = micro_step(state, state.model_state, batch,
                                                               rng)
     else:
-      micro_batches = jax.tree.map(
-          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
-          batch)
+      micro_batches = _split_micro_batches(batch, grad_accum_steps)
 
       def body(carry, inputs):
         grad_sum, loss_sum, accuracy_sum, model_state = carry
@@ -137,9 +155,21 @@ def make_train_step(grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
   return train_step
 
 
-def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
-  """Sums of loss and correct predictions over the real (mask == 1) examples of a batch."""
-  loss, correct, _, _ = _forward(state, state.params, state.model_state, batch,
-                              jax.random.PRNGKey(0), train=False)
-  return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask),
-          "count": jnp.sum(mask)}
+def make_eval_step(task: Task) -> Callable[..., Metrics]:
+  """Builds `eval_step(state, batch, mask, rng) -> sums` for `evaluate`.
+
+  The sums cover the real (mask == 1) examples of a padded batch: `loss_sum`,
+  `correct_sum`, `count` (scored units); ctr adds the per-example `score` for AUC.
+  """
+
+  def eval_step(state: TrainState, batch: Batch, mask: jax.Array, rng: jax.Array) -> Metrics:
+    scores, _, _ = _forward(state, task, state.params, state.model_state, batch, rng,
+                            train=False)
+    sums = {"loss_sum": jnp.sum(scores["loss"] * mask),
+            "correct_sum": jnp.sum(scores["correct"] * mask),
+            "count": jnp.sum(scores["weight"] * mask)}
+    if "score" in scores:
+      sums["score"] = scores["score"]
+    return sums
+
+  return eval_step

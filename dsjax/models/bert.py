@@ -1,0 +1,534 @@
+"""BERT for masked-language-model pretraining, and a reader of Hugging Face BERT checkpoints.
+
+The module computes what Hugging Face `BertForMaskedLM` computes (post-LN encoder, exact
+erf GELU, MLM head tied to the word embeddings), on `dsjax.nn` layers so the precision
+policy and plan apply: float32 parameters, matmuls in the compute dtype with float32
+accumulation, float32 softmax, LayerNorm statistics and logits. The encoder layers are
+one `nn.scan`, so parameters carry a leading "layers" axis and compile once whatever the
+depth. `from_pretrained` reads a `save_pretrained` folder into this layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+from dsjax import nn as dsnn
+from dsjax.errors import CheckpointError, ConfigError
+from dsjax.models import registry
+from dsjax.nn.layers import _sow_stats  # The stats contract of every dsjax.nn layer.
+from dsjax.parallel import pipeline
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+_INIT = nn.initializers.normal(stddev=0.02)  # As BERT (initializer_range).
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  # The exact erf form (Hugging Face "gelu"), evaluated in float32 and rounded once.
+  return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+class MergeHeadsDense(nn.Module):
+  """A dense layer contracting the trailing [heads, head_dim] axes: the attention output.
+
+  `dsjax.nn.Dense` contracts one input axis; this keeps the kernel as [heads, kv, embed]
+  so "heads" can be sharded on its own. Otherwise it computes as `Dense` does: float32
+  accumulation and bias, one rounding to the layer dtype, the same precision statistics.
+
+  Attributes:
+    features: output width.
+    kernel_axes: logical names of the [heads, head_dim, features] kernel.
+    compute_dtype: the run's half (or float32) compute dtype.
+    param_dtype: dtype of the stored parameters.
+    plan: precision plan; None means every layer computes in `compute_dtype`.
+    matmul_impl: "xla" or "pallas" (see `dsjax.nn.Dense`).
+  """
+
+  features: int
+  kernel_axes: tuple[str | None, ...] = ("heads", "kv", "embed")
+  compute_dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+  matmul_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
+    heads, head_dim = inputs.shape[-2:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.kernel_axes),
+                        (heads, head_dim, self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), self.kernel_axes[-1:]), (self.features,), self.param_dtype)
+    flat = inputs.reshape(*inputs.shape[:-2], heads * head_dim).astype(dtype)
+    flat_kernel = kernel.reshape(heads * head_dim, self.features).astype(dtype)
+    if self.matmul_impl == "pallas":
+      y = pallas_kernels.matmul(flat, flat_kernel, bias=bias.astype(jnp.float32), out_dtype=dtype)
+    else:
+      y = jax.lax.dot_general(flat, flat_kernel, (((flat.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+      y = (y + bias.astype(jnp.float32)).astype(dtype)
+    _sow_stats(self, y, 2.0 * (flat.size // flat.shape[-1]) * kernel.size, [inputs])
+    return y
+
+
+class BertSelfAttention(nn.Module):
+  """Self-attention with q/k/v/output biases and an additive float32 mask bias.
+
+  Its own plan entry governs the attention logits (as in `dsjax.nn.MultiHeadAttention`);
+  the softmax always runs in float32.
+
+  Attributes:
+    num_heads: number of heads.
+    head_dim: width of each head.
+    dropout_rate: dropout on the attention weights.
+    compute_dtype: the run's compute dtype.
+    plan: precision plan, or None.
+    matmul_impl: "xla" or "pallas" for the four projections.
+  """
+
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+  matmul_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
+    dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
+    layer = {"compute_dtype": self.compute_dtype, "plan": self.plan,
+             "matmul_impl": self.matmul_impl}
+
+    def project(name: str) -> jax.Array:
+      return dsnn.Dense((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
+                        kernel_init=_INIT, name=name, **layer)(x)
+
+    query, key, value = project("query"), project("key"), project("value")
+    # Scaling q before the product keeps float16 logits in range; HF scales after, which
+    # is the same up to float32 rounding.
+    query = query * jnp.asarray(self.head_dim**-0.5, query.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype),
+                        preferred_element_type=jnp.float32).astype(dtype)
+    _sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [query, key])
+    weights = jax.nn.softmax(logits.astype(jnp.float32) + attention_bias, axis=-1).astype(dtype)
+    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(dtype)
+    return MergeHeadsDense(x.shape[-1], name="out", **layer)(context)
+
+
+class BertLayer(nn.Module):
+  """One post-LN encoder layer: attention, add & norm, GELU MLP, add & norm.
+
+  Attributes:
+    num_heads: attention heads; the width is the input's last axis.
+    mlp_dim: width of the MLP's hidden layer.
+    dropout_rate: dropout on attention weights and on both residual branches.
+    layer_norm_eps: LayerNorm epsilon.
+    compute_dtype: the run's compute dtype.
+    plan: precision plan, or None. Paths omit the layer index: one entry per scanned
+      sub-layer governs that sub-layer in every layer.
+    matmul_impl: "xla" or "pallas".
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+  matmul_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
+    """Maps x [batch, length, embed] to the same shape and dtype (the scan carry)."""
+    hidden = x.shape[-1]
+    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    dense = {"kernel_init": _INIT, "matmul_impl": self.matmul_impl, **precision}
+    norm = {"epsilon": self.layer_norm_eps, **precision}
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    carry_dtype = x.dtype
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    attended = BertSelfAttention(self.num_heads, hidden // self.num_heads, self.dropout_rate,
+                                 matmul_impl=self.matmul_impl, name="attention",
+                                 **precision)(x, attention_bias, train=train)
+    x = dsnn.LayerNorm(name="attention_norm", **norm)(x + dropout(attended))
+    y = dsnn.Dense(self.mlp_dim, kernel_axes=("embed", "mlp"), name="mlp_in", **dense)(x)
+    y = nn.with_logical_constraint(_gelu(y), ("batch", "length", "mlp"))
+    y = dsnn.Dense(hidden, kernel_axes=("mlp", "embed"), name="mlp_out", **dense)(y)
+    x = dsnn.LayerNorm(name="mlp_norm", **norm)(x + dropout(y))
+    # A scan carry keeps one dtype: a plan that promotes a norm to float32 still hands
+    # the next layer the dtype this one received.
+    return nn.with_logical_constraint(x.astype(carry_dtype), ACTIVATION_AXES)
+
+
+class BertEncoder(nn.Module):
+  """`num_layers` BertLayers as one `nn.scan` named "layers" (parameters [layers, ...]).
+
+  Kept apart from `Bert` so a pipeline-parallel stack can take its place.
+
+  Attributes:
+    num_layers: depth.
+    num_heads: attention heads per layer.
+    mlp_dim: MLP hidden width.
+    dropout_rate: dropout rate inside each layer.
+    layer_norm_eps: LayerNorm epsilon.
+    compute_dtype: the run's compute dtype.
+    plan: precision plan, or None.
+    matmul_impl: "xla" or "pallas".
+    remat: recompute each layer's activations in the backward pass.
+  """
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+  matmul_impl: str = "xla"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
+    """Runs the stack on x [batch, length, embed] with bias [batch, 1, 1, length]."""
+
+    # Lifted transforms pass arguments positionally: `train` is argument 3 of the body
+    # (after the layer, the carry and the bias), broadcast to every step and static.
+    def body(layer: BertLayer, carry: jax.Array, bias: jax.Array,
+             train: bool) -> tuple[jax.Array, None]:
+      return layer(carry, bias, train=train), None
+
+    if self.remat:
+      body = nn.remat(body, static_argnums=(3,), prevent_cse=False)
+    stack = nn.scan(body, variable_axes={"params": 0, dsnn.STATS: 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
+                      self.compute_dtype, self.plan, self.matmul_impl, name="layers")
+    x, _ = stack(layer, x, attention_bias, train)
+    return x
+
+
+class Bert(nn.Module):
+  """BERT with its masked-language-model head (Hugging Face `BertForMaskedLM`).
+
+  Attributes:
+    vocab_size: vocabulary size (rows of the tied word embedding).
+    hidden: model width.
+    num_layers: encoder depth.
+    num_heads: attention heads; must divide `hidden`.
+    mlp_dim: MLP hidden width.
+    max_position: longest sequence (rows of the position embedding).
+    type_vocab_size: token-type (segment) ids.
+    dropout_rate: dropout on embeddings, attention weights and residual branches.
+    layer_norm_eps: LayerNorm epsilon.
+    compute_dtype: compute dtype; parameters are always float32.
+    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
+    matmul_impl: "xla" or "pallas" for the dense layers.
+    remat: recompute encoder-layer activations in the backward pass.
+    num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
+    num_microbatches: pipeline micro-batches per (gradient-accumulation) batch.
+  """
+
+  vocab_size: int
+  hidden: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  max_position: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  compute_dtype: Any = jnp.float32
+  plan: dsnn.PrecisionPlan | None = None
+  matmul_impl: str = "xla"
+  remat: bool = False
+  num_stages: int = 1
+  num_microbatches: int = 1
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    """Returns float32 MLM logits [batch, length, vocab_size].
+
+    Args:
+      input_ids: [batch, length] token ids.
+      attention_mask: [batch, length], 1 for real tokens and 0 for padding; None: all 1.
+      token_type_ids: [batch, length] segment ids; None: all 0.
+      train: enables dropout (needs a "dropout" rng).
+
+    Returns:
+      The logits, float32.
+
+    Raises:
+      ConfigError: the sequence is longer than `max_position`.
+    """
+    length = input_ids.shape[-1]
+    if length > self.max_position:
+      raise ConfigError(f"sequence length {length} exceeds the model's max_position "
+                        f"{self.max_position}: shorten data.seq_len or raise model.max_position")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    dense = {"kernel_init": _INIT, "matmul_impl": self.matmul_impl, **precision}
+    norm = {"epsilon": self.layer_norm_eps, **precision}
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+
+    word = dsnn.Embed(self.vocab_size, self.hidden, _INIT, ("vocab", "embed"),
+                      name="word_embeddings", **precision)
+    position = dsnn.Embed(self.max_position, self.hidden, _INIT, (None, "embed"),
+                          name="position_embeddings", **precision)
+    token_type = dsnn.Embed(self.type_vocab_size, self.hidden, _INIT, (None, "embed"),
+                            name="token_type_embeddings", **precision)
+    x = (word(input_ids).astype(jnp.float32)
+         + position(jnp.arange(length)[None, :]).astype(jnp.float32)
+         + token_type(token_type_ids).astype(jnp.float32))
+    x = dropout(dsnn.LayerNorm(name="embeddings_norm", **norm)(x))
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    # Additive float32 bias [batch, 1, 1, keys]: padding keys get the most negative float,
+    # as Hugging Face does, so their softmax weight is exactly 0.
+    attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                               jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    if self.num_stages > 1:
+      # GPipe over the `pipe` mesh axis; the same "encoder/layers" parameters as the scan.
+      layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
+                        self.compute_dtype, self.plan, self.matmul_impl)
+      x = pipeline.Pipeline(layer, self.num_layers, self.num_stages, self.num_microbatches,
+                            self.remat, name="encoder")(x, attention_bias, train=train)
+    else:
+      x = BertEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
+                      self.layer_norm_eps, self.compute_dtype, self.plan, self.matmul_impl,
+                      self.remat, name="encoder")(x, attention_bias, train=train)
+    x = dsnn.Dense(self.hidden, kernel_axes=("embed", None), name="mlm_dense", **dense)(x)
+    x = dsnn.LayerNorm(name="mlm_norm", **norm)(_gelu(x))
+    bias = self.param("mlm_bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("vocab",)), (self.vocab_size,), jnp.float32)
+    logits = word.attend(x).astype(jnp.float32) + bias
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+# ------------------------------------------------------------------ registry
+
+
+def _build(model_config: Any, num_classes: int, compute_dtype: Any,
+           plan: dsnn.PrecisionPlan | None = None) -> Bert:
+  return Bert(vocab_size=num_classes, hidden=model_config.hidden,
+              num_layers=model_config.num_layers, num_heads=model_config.num_heads,
+              mlp_dim=model_config.mlp_dim, max_position=model_config.max_position,
+              dropout_rate=model_config.dropout_rate, compute_dtype=compute_dtype, plan=plan,
+              matmul_impl=model_config.matmul_impl, remat=model_config.remat)
+
+
+def _check(model_config: Any) -> list[str]:
+  problems = []
+  for field in ("hidden", "num_layers", "num_heads", "mlp_dim", "max_position"):
+    if model_config[field] < 1:
+      problems.append(f"{field} must be >= 1, got {model_config[field]}")
+  if model_config.num_heads >= 1 and model_config.hidden % model_config.num_heads:
+    problems.append(f"hidden={model_config.hidden} must be divisible by "
+                    f"num_heads={model_config.num_heads}")
+  if model_config.matmul_impl not in dsnn.MATMUL_IMPLS:
+    problems.append(f"matmul_impl must be one of {', '.join(dsnn.MATMUL_IMPLS)}, "
+                    f"got {model_config.matmul_impl!r}")
+  if not 0 <= model_config.dropout_rate < 1:
+    problems.append(f"dropout_rate must be in [0, 1), got {model_config.dropout_rate}")
+  return problems
+
+
+_DEFAULTS = {"hidden": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512,
+             "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False}
+_SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
+          "bert-base": (12, 768, 12, 3072)}
+for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():
+  registry.register(registry.ModelSpec(
+      name=_name, build=_build, dataset="text", task="mlm", check=_check, pipelined=True,
+      defaults={**_DEFAULTS, "hidden": _hidden, "num_layers": _layers, "num_heads": _heads,
+                "mlp_dim": _mlp},
+      config_file="bert_base.py" if _name == "bert-base" else "bert_tiny.py"))
+
+
+# ------------------------------------------------------------------ Hugging Face
+
+
+def hf_config_to_model_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
+  """Maps a Hugging Face BERT `config.json` to this module's model config fields.
+
+  Args:
+    hf_config: the parsed `config.json`.
+
+  Returns:
+    {hidden, num_layers, num_heads, mlp_dim, max_position, dropout_rate}; the vocabulary
+    size (`hf_config["vocab_size"]`) is the data's business and not included. Bert has
+    one dropout rate: `hidden_dropout_prob` (BERT's attention dropout is the same 0.1).
+
+  Raises:
+    CheckpointError: a field is missing, or the config asks for something `Bert` does
+      not compute (another activation, relative positions, a decoder, untied weights).
+  """
+  unsupported = {
+      "model_type": (hf_config.get("model_type", "bert"), "bert"),
+      "hidden_act": (hf_config.get("hidden_act", "gelu"), "gelu"),
+      "position_embedding_type": (hf_config.get("position_embedding_type", "absolute"),
+                                  "absolute"),
+      "is_decoder": (hf_config.get("is_decoder", False), False),
+      "add_cross_attention": (hf_config.get("add_cross_attention", False), False),
+      "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), True),
+  }
+  for key, (value, supported) in unsupported.items():
+    if value != supported:
+      raise CheckpointError(f"config.json has {key}={value!r}, but dsjax's Bert supports only "
+                            f"{key}={supported!r}; use a standard BERT checkpoint")
+  fields = {"hidden": "hidden_size", "num_layers": "num_hidden_layers",
+            "num_heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+            "max_position": "max_position_embeddings", "dropout_rate": "hidden_dropout_prob"}
+  missing = [key for key in (*fields.values(), "vocab_size") if key not in hf_config]
+  if missing:
+    raise CheckpointError(f"config.json lacks {', '.join(missing)}; it is not a BERT config "
+                          "(re-export it with transformers' save_pretrained)")
+  return {field: hf_config[key] for field, key in fields.items()}
+
+
+def _read_tensors(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
+  safetensors_file, torch_file = folder / "model.safetensors", folder / "pytorch_model.bin"
+  if safetensors_file.is_file():
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as error:
+      raise CheckpointError(f"reading {safetensors_file} needs the safetensors package: "
+                            "pip install safetensors") from error
+    try:
+      return safetensors_file, load_file(safetensors_file)
+    except Exception as error:  # safetensors raises its own and OS errors alike.
+      raise CheckpointError(f"cannot read {safetensors_file} ({error}); the file is corrupt "
+                            "or not float data: re-export it with save_pretrained") from error
+  if torch_file.is_file():
+    try:
+      import torch
+    except ImportError as error:
+      raise CheckpointError(f"{torch_file} is a PyTorch pickle and torch is not installed; "
+                            "convert it to model.safetensors (save_pretrained(..., "
+                            "safe_serialization=True)) where torch is available") from error
+    state = torch.load(torch_file, map_location="cpu", weights_only=True)
+    return torch_file, {name: tensor.float().numpy() for name, tensor in state.items()}
+  raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin; "
+                        "pass the folder that save_pretrained wrote")
+
+
+def _convert(tensors: dict[str, np.ndarray], source: Path, module: Bert) -> dict[str, Any]:
+  """Maps Hugging Face tensors to Bert's parameter tree, checking names and shapes."""
+  hidden, heads, mlp = module.hidden, module.num_heads, module.mlp_dim
+  head_dim = hidden // heads
+  prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
+
+  def take(*names: str, shape: tuple[int, ...]) -> np.ndarray:
+    # `names` are spellings of one tensor (old checkpoints say LayerNorm.gamma/beta).
+    for name in names:
+      if name in tensors:
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if value.shape != shape:
+          raise CheckpointError(f"tensor {name!r} in {source} has shape {value.shape}, but "
+                                f"config.json implies {shape}: the config and weights do not "
+                                "belong together")
+        return value
+    raise CheckpointError(f"{source} has no tensor {names[0]!r}; the checkpoint is incomplete "
+                          "or not a BertForMaskedLM (re-export it with save_pretrained)")
+
+  def dense(name: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
+    return {"kernel": take(f"{name}.weight", shape=(n_out, n_in)).T,
+            "bias": take(f"{name}.bias", shape=(n_out,))}
+
+  def norm(name: str) -> dict[str, np.ndarray]:
+    return {"scale": take(f"{name}.weight", f"{name}.gamma", shape=(hidden,)),
+            "bias": take(f"{name}.bias", f"{name}.beta", shape=(hidden,))}
+
+  def layer(i: int) -> dict[str, Any]:
+    base = f"{prefix}encoder.layer.{i}."
+    attention = {}
+    for name in ("query", "key", "value"):
+      projection = dense(f"{base}attention.self.{name}", hidden, hidden)
+      attention[name] = {"kernel": projection["kernel"].reshape(hidden, heads, head_dim),
+                         "bias": projection["bias"].reshape(heads, head_dim)}
+    out = dense(f"{base}attention.output.dense", hidden, hidden)
+    attention["out"] = {"kernel": out["kernel"].reshape(heads, head_dim, hidden),
+                        "bias": out["bias"]}
+    return {"attention": attention, "attention_norm": norm(f"{base}attention.output.LayerNorm"),
+            "mlp_in": dense(f"{base}intermediate.dense", hidden, mlp),
+            "mlp_out": dense(f"{base}output.dense", mlp, hidden),
+            "mlp_norm": norm(f"{base}output.LayerNorm")}
+
+  embeddings = f"{prefix}embeddings."
+  word = take(f"{embeddings}word_embeddings.weight", shape=(module.vocab_size, hidden))
+  decoder = tensors.get("cls.predictions.decoder.weight")
+  if decoder is not None and not np.array_equal(np.asarray(decoder, np.float32), word):
+    raise CheckpointError(f"tensor 'cls.predictions.decoder.weight' in {source} differs from "
+                          "the word embeddings; dsjax's Bert ties them, so untied checkpoints "
+                          "are not supported")
+  layers = [layer(i) for i in range(module.num_layers)]
+  params = {
+      "word_embeddings": {"embedding": word},
+      "position_embeddings": {"embedding": take(f"{embeddings}position_embeddings.weight",
+                                                shape=(module.max_position, hidden))},
+      "token_type_embeddings": {"embedding": take(f"{embeddings}token_type_embeddings.weight",
+                                                  shape=(module.type_vocab_size, hidden))},
+      "embeddings_norm": norm(f"{embeddings}LayerNorm"),
+      "encoder": {"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)},
+      "mlm_dense": dense("cls.predictions.transform.dense", hidden, hidden),
+      "mlm_norm": norm("cls.predictions.transform.LayerNorm"),
+      "mlm_bias": take("cls.predictions.bias", "cls.predictions.decoder.bias",
+                       shape=(module.vocab_size,)),
+  }
+  return jax.tree.map(jnp.asarray, params)
+
+
+def from_pretrained(path: str | Path, *,
+                    compute_dtype: Any = jnp.float32) -> tuple[Bert, dict[str, Any]]:
+  """Reads a Hugging Face BERT checkpoint folder (`save_pretrained` output).
+
+  Args:
+    path: folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`,
+      which needs torch).
+    compute_dtype: the module's compute dtype; parameters are float32 either way.
+
+  Returns:
+    `(module, variables)`: `module.apply(variables, input_ids, attention_mask=...,
+    token_type_ids=...)` gives the logits of `BertForMaskedLM` in eval mode. `variables`
+    is `{"params": ...}` of plain (unboxed) float32 arrays, layers stacked on axis 0.
+
+  Raises:
+    CheckpointError: the folder or a file is missing, the config is unsupported, or a
+      tensor is missing or has the wrong shape; the message names it.
+  """
+  folder = Path(path).expanduser()
+  if not folder.is_dir():
+    raise CheckpointError(f"BERT checkpoint folder {folder} does not exist; pass the folder "
+                          "holding config.json and model.safetensors")
+  config_file = folder / "config.json"
+  if not config_file.is_file():
+    raise CheckpointError(f"{folder} has no config.json; pass the folder that "
+                          "save_pretrained wrote")
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"{config_file} is not valid JSON ({error}); re-export the "
+                          "checkpoint") from error
+  fields = hf_config_to_model_fields(hf_config)
+  if fields["hidden"] % fields["num_heads"]:
+    raise CheckpointError(f"config.json has hidden_size={fields['hidden']}, not divisible by "
+                          f"num_attention_heads={fields['num_heads']}")
+  module = Bert(vocab_size=hf_config["vocab_size"], **fields,
+                type_vocab_size=hf_config.get("type_vocab_size", 2),
+                layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
+                compute_dtype=compute_dtype)
+  source, tensors = _read_tensors(folder)
+  return module, {"params": _convert(tensors, source, module)}

@@ -1,0 +1,258 @@
+"""GPipe pipeline parallelism over a stack of identical layers, for the `pipe` mesh axis.
+
+`Pipeline` runs `num_layers` copies of one layer. Its parameters always have the layout
+of `nn.scan` over the layer class: one submodule "layers" whose every leaf has a leading
+[num_layers] axis with the logical name "layers". The layout does not depend on
+`num_stages`, so a checkpoint written by a pipelined run restores into an unpipelined one
+and back.
+
+With `num_stages` P > 1 the stack is cut into P stages of L/P contiguous layers (stage s
+owns layers s*L/P ... (s+1)*L/P - 1) and the batch into M microbatches, and the GPipe
+schedule runs M + P - 1 iterations. In each, stage 0 takes the next microbatch, every
+stage applies its layers to the microbatch it holds (one `jax.vmap` over the stage axis),
+and the stage buffer shifts by one stage (`jnp.roll`). The buffer's stage axis carries the
+logical name "stages": with the rules `("stages", "pipe"), ("layers", "pipe")` each device
+of the `pipe` axis holds one stage's parameters and activations, and XLA turns the roll
+into a `collective-permute`. The same code runs on a single device without any rules.
+`jax.grad` through it is the GPipe backward (the transpose of the roll sends cotangents
+upstream). This is the SPMD pattern of MaxText's pipeline, without circular repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dsjax.errors import ConfigError
+
+LAYERS_AXIS = "layers"
+STAGES_AXIS = "stages"
+_UNCONSTRAINED = jax.sharding.PartitionSpec.UNCONSTRAINED
+
+
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+  """The theoretical GPipe bubble: (P - 1) / (M + P - 1).
+
+  Each of the M + P - 1 schedule steps runs every stage once, and a stage does useful
+  work in exactly M of them, so this share of the stage-steps is idle (filling and
+  draining the pipeline). It ignores communication and the backward pass's own bubble,
+  which has the same shape. More microbatches shrink it: P=4, M=4 idles 3/7, M=16 3/19.
+
+  Args:
+    num_stages: pipeline stages P (>= 1).
+    num_microbatches: microbatches M per batch (>= 1).
+
+  Returns:
+    The idle fraction in [0, 1); 0.0 for a single stage.
+  """
+  if num_stages < 1 or num_microbatches < 1:
+    raise ConfigError(
+        f"bubble_fraction needs num_stages >= 1 and num_microbatches >= 1, got "
+        f"{num_stages} and {num_microbatches}; pass positive counts.")
+  return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+@functools.cache
+def _carry_adapter(layer_cls: type[nn.Module], train: bool) -> type[nn.Module]:
+  """A subclass of `layer_cls` with the `(carry, xs) -> (carry, ys)` call `nn.scan` wants.
+
+  A subclass rather than a wrapper module, so the scanned parameters sit directly under
+  "layers" exactly as `nn.scan(layer_cls)` would put them. `train` is baked into the
+  class (two classes per layer class at most) so that no Python bool has to pass through
+  `nn.scan` or `nn.remat`.
+  """
+
+  class Adapter(layer_cls):  # type: ignore[valid-type, misc]
+
+    def __call__(self, carry, args):
+      return super().__call__(carry, *args, train=train), None
+
+  Adapter.__name__ = Adapter.__qualname__ = f"{layer_cls.__name__}Scanned"
+  return Adapter
+
+
+def _layer_fields(layer: nn.Module) -> dict[str, Any]:
+  """The dataclass attributes of `layer`, without `parent` and `name`."""
+  return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
+          if f.init and f.name not in ("parent", "name")}
+
+
+def _stage_mesh_axis() -> str | tuple[str, ...] | None:
+  """The mesh axis the logical "stages" axis maps to, if rules and a mesh say so.
+
+  Passed as `spmd_axis_name` to the vmap over stages, so that sharding constraints inside
+  the layer (on its activations) keep the stage axis sharded instead of replicating it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axis = nn.logical_to_mesh_axes((STAGES_AXIS,))[0]
+  names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+  if not names or any(name not in mesh.axis_names for name in names):
+    return None
+  return axis
+
+
+def _constrain_stages(tree: Any) -> Any:
+  """Shards axis 0 ("stages") of every leaf; other axes follow their inputs."""
+  return jax.tree.map(
+      lambda a: nn.with_logical_constraint(a, (STAGES_AXIS,) + (_UNCONSTRAINED,) * (a.ndim - 1)),
+      tree)
+
+
+def _to_microbatches(a: jax.Array, num_microbatches: int) -> jax.Array:
+  # Strided: microbatch m holds examples m, m + M, m + 2M, ... . A batch sharded on its
+  # leading axis (data parallelism) keeps that sharding on the microbatch axis [mb], so
+  # every data shard works on every microbatch and the split needs no communication.
+  return jnp.swapaxes(a.reshape(-1, num_microbatches, *a.shape[1:]), 0, 1)
+
+
+def _from_microbatches(a: jax.Array) -> jax.Array:
+  return jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
+
+
+class Pipeline(nn.Module):
+  """`num_layers` copies of `layer`, run as one scan or as a GPipe pipeline.
+
+  Attributes:
+    layer: an unbound template instance; its `__call__(x, *per_example_args, train=...)`
+      returns an array shaped (and typed) like x. Only its attributes are used: the
+      parameters live under "layers", never under "layer".
+    num_layers: L, the number of stacked layers.
+    num_stages: P, pipeline stages; must divide L. 1 is a plain `nn.scan`.
+    num_microbatches: M, microbatches per batch; must divide the batch. The pipeline
+      idles `bubble_fraction(P, M)` of the time.
+    remat: recompute activations in the backward pass (per layer in the scan, per
+      schedule step in the pipeline) instead of storing them.
+  """
+
+  layer: nn.Module
+  num_layers: int
+  num_stages: int = 1
+  num_microbatches: int = 1
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *per_example_args: jax.Array,
+               train: bool = False) -> jax.Array:
+    """Applies the layer stack.
+
+    Args:
+      x: activations [B, ...].
+      *per_example_args: further layer inputs with the batch as leading axis (an attention
+        bias [B, 1, 1, S], a mask); they are split into microbatches with x.
+      train: passed to the layer (dropout). Dropout draws from the "dropout" rng stream.
+
+    Returns:
+      The output of the last layer, shaped like x.
+    """
+    self._validate(x, per_example_args)
+    if self.num_stages == 1 or self.is_initializing():
+      return self._scan(x, per_example_args, train)
+    return self._pipeline(x, per_example_args, train)
+
+  def _validate(self, x: jax.Array, per_example_args: Sequence[jax.Array]) -> None:
+    if self.num_layers < 1 or self.num_stages < 1:
+      raise ConfigError(
+          f"Pipeline needs num_layers >= 1 and num_stages >= 1, got {self.num_layers} and "
+          f"{self.num_stages}; set both to positive counts.")
+    if self.num_layers % self.num_stages:
+      raise ConfigError(
+          f"{self.num_layers} layers do not split into {self.num_stages} pipeline stages: "
+          f"make num_layers a multiple of num_stages.")
+    if self.num_microbatches < 1:
+      raise ConfigError(
+          f"num_microbatches must be at least 1, got {self.num_microbatches}; set it to a "
+          f"divisor of the batch size.")
+    batch = x.shape[0]
+    if batch % self.num_microbatches and not self.is_initializing():  # Init runs the scan.
+      raise ConfigError(
+          f"A batch of {batch} does not split into {self.num_microbatches} microbatches: "
+          f"make the batch size a multiple of num_microbatches.")
+    for i, arg in enumerate(per_example_args):
+      if arg.shape[:1] != (batch,):
+        raise ConfigError(
+            f"Per-example argument {i} has shape {arg.shape} but the batch is {batch}: "
+            f"give every per-example argument the batch as its leading axis.")
+
+  def _scan(self, x: jax.Array, args: Sequence[jax.Array], train: bool) -> jax.Array:
+    """The reference: `nn.scan` over the layer class; also creates the parameters."""
+    body = _carry_adapter(type(self.layer), train)
+    if self.remat:
+      body = nn.remat(body, prevent_cse=False)
+    scanned = nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+    )
+    y, _ = scanned(**_layer_fields(self.layer), name="layers")(x, tuple(args))
+    return y
+
+  def _pipeline(self, x: jax.Array, args: Sequence[jax.Array], train: bool) -> jax.Array:
+    """GPipe over `num_stages` stages on the parameters made by `_scan`."""
+    stages, micro = self.num_stages, self.num_microbatches
+    per_stage = self.num_layers // stages
+    params = nn.unbox(self.variables["params"][LAYERS_AXIS])
+    # [L, ...] -> [P, L/P, ...]: stage s gets layers s*L/P ... (s+1)*L/P - 1, the
+    # contiguous block a layers->pipe sharding already puts on device s.
+    params = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), params)
+    layer = self.layer.clone(parent=None, name=None)
+    dropout_key = self.make_rng("dropout") if train and self.has_rng("dropout") else None
+
+    inputs = jax.tree.map(lambda a: _to_microbatches(a, micro), (x, *args))
+
+    def run_stage(stage_params, stage, held, step):
+      """Applies stage `stage`'s layers to the microbatch `held` it holds at `step`."""
+      h, held_args = held[0], held[1:]
+      microbatch = step - stage  # out of range while filling or draining: unused output
+
+      def run_layer(h, layer_in):
+        layer_params, index = layer_in
+        rngs = None
+        if dropout_key is not None:
+          # One key per (layer, microbatch): deterministic, independent of the schedule.
+          layer_key = jax.random.fold_in(dropout_key, stage * per_stage + index)
+          rngs = {"dropout": jax.random.fold_in(layer_key, microbatch)}
+        h = layer.apply({"params": layer_params}, h, *held_args, train=train, rngs=rngs)
+        return h, None
+
+      h, _ = lax.scan(run_layer, h, (stage_params, jnp.arange(per_stage)))
+      return (h, *held_args)
+
+    run_stages = jax.vmap(run_stage, in_axes=(0, 0, 0, None),
+                          spmd_axis_name=_stage_mesh_axis())
+
+    def schedule_step(carry, step):
+      held, outputs = carry
+      # Stage 0 takes microbatch `step`; past the last one it re-reads it, harmlessly.
+      fresh = jax.tree.map(lambda a: a[jnp.minimum(step, micro - 1)], inputs)
+      held = jax.tree.map(lambda h, f: h.at[0].set(f), held, fresh)
+      held = _constrain_stages(held)
+      done = _constrain_stages(run_stages(params, jnp.arange(stages), held, step))
+      # The last stage finished microbatch step - (P - 1). While the pipeline fills that
+      # index is negative; its slot (mod M) is overwritten with the real result later.
+      slot = jnp.mod(step - (stages - 1), micro)
+      outputs = lax.dynamic_update_index_in_dim(outputs, done[0][stages - 1], slot, 0)
+      # Shift: stage s + 1 gets what stage s produced (and its per-example args).
+      held = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), done)
+      return (held, outputs), None
+
+    if self.remat:
+      schedule_step = jax.checkpoint(schedule_step, prevent_cse=False)
+    # Start every stage on real data (microbatch 0), not zeros, so the idle stages of the
+    # fill phase cannot produce inf/NaN that would leak into gradients as 0 * inf.
+    held = _constrain_stages(jax.tree.map(
+        lambda a: jnp.broadcast_to(a[:1], (stages, *a.shape[1:])), inputs))
+    outputs = jnp.zeros_like(inputs[0])
+    (_, outputs), _ = lax.scan(schedule_step, (held, outputs), jnp.arange(micro + stages - 1))
+    return _from_microbatches(outputs)

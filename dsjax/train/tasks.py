@@ -1,0 +1,139 @@
+"""Training tasks: what a model is fed, and how its outputs become a loss and metrics.
+
+A task turns a batch of host data into the model's call arguments (after any on-device
+preparation: MLM masking, image augmentation) and scores the model's outputs. Scores are
+per example: `loss` and `correct` are sums over the example's scored units (1 for an
+image or a click, the masked tokens of a sequence) and `weight` counts those units, so
+the mean loss of a batch is `sum(loss) / sum(weight)` whatever the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.errors import ConfigError
+
+Batch = Mapping[str, jax.Array]
+TASKS = ("classification", "mlm", "ctr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """How one kind of model is trained and evaluated.
+
+  Attributes:
+    name: one of `TASKS`.
+    augment: classification only: random crop + flip of training images.
+    mlm_probability: mlm only: share of tokens masked and predicted.
+    mask_id: mlm only: the [MASK] token id.
+    vocab_size: mlm only: the vocabulary size.
+    special_ids: mlm only: token ids never masked ([PAD], [CLS], [SEP], ...).
+  """
+
+  name: str
+  augment: bool = False
+  mlm_probability: float = 0.15
+  mask_id: int = 0
+  vocab_size: int = 0
+  special_ids: tuple[int, ...] = ()
+
+  @property
+  def input_keys(self) -> tuple[str, ...]:
+    """The batch entries the model reads (the rest are targets)."""
+    return {"classification": ("image",), "ctr": ("dense", "sparse"),
+            "mlm": ("input_ids", "attention_mask", "token_type_ids")}[self.name]
+
+  def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """On-device preparation inside the jitted step (deterministic given `rng`)."""
+    batch = dict(batch)
+    if self.name == "classification" and self.augment and train:
+      from dsjax.data import augment  # noqa: PLC0415 - only image runs need it.
+      batch["image"] = augment.random_crop_flip(rng, batch["image"])
+    elif self.name == "mlm":
+      from dsjax.data import text  # noqa: PLC0415 - only token runs need it.
+      batch["input_ids"], batch["mlm_labels"], batch["mlm_weights"] = text.mask_tokens(
+          rng, batch["input_ids"], batch["attention_mask"],
+          mlm_probability=self.mlm_probability, mask_id=self.mask_id,
+          vocab_size=self.vocab_size, special_ids=self.special_ids)
+    return batch
+
+  def model_args(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments of `model.apply` (besides the variables)."""
+    if self.name == "classification":
+      return (batch["image"],), {}
+    if self.name == "ctr":
+      return (batch["dense"], batch["sparse"]), {}
+    return (batch["input_ids"],), {"attention_mask": batch["attention_mask"],
+                                   "token_type_ids": batch["token_type_ids"]}
+
+  def score(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Per-example `loss`, `correct` and `weight` sums (and `score` for ctr), float32."""
+    outputs = outputs.astype(jnp.float32)
+    if self.name == "classification":
+      labels = batch["label"]
+      return {"loss": optax.softmax_cross_entropy_with_integer_labels(outputs, labels),
+              "correct": (jnp.argmax(outputs, -1) == labels).astype(jnp.float32),
+              "weight": jnp.ones(labels.shape, jnp.float32)}
+    if self.name == "ctr":
+      labels = batch["label"].astype(jnp.float32)
+      return {"loss": optax.sigmoid_binary_cross_entropy(outputs, labels),
+              "correct": ((outputs > 0) == (labels > 0.5)).astype(jnp.float32),
+              "weight": jnp.ones(labels.shape, jnp.float32),
+              "score": jax.nn.sigmoid(outputs)}
+    weights = batch["mlm_weights"]
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["mlm_labels"])
+    token_correct = (jnp.argmax(outputs, -1) == batch["mlm_labels"]).astype(jnp.float32)
+    return {"loss": jnp.sum(token_loss * weights, -1),
+            "correct": jnp.sum(token_correct * weights, -1),
+            "weight": jnp.sum(weights, -1)}
+
+  def example_batch(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """One example of a split, for shape inference at init."""
+    return {key: arrays[key][:1] for key in self.input_keys}
+
+
+def make_task(name: str, data_config: Any, metadata: Mapping[str, Any]) -> Task:
+  """Builds the task a model declares, from the data config and the dataset's metadata.
+
+  Args:
+    name: the model's task (`ModelSpec.task`).
+    data_config: the `data` config section.
+    metadata: `Dataset.metadata`.
+
+  Returns:
+    The Task.
+
+  Raises:
+    ConfigError: an unknown task, or a dataset that lacks what the task needs.
+  """
+  if name not in TASKS:
+    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+  if name == "classification":
+    return Task(name, augment=bool(data_config.augment))
+  if name == "mlm":
+    missing = [key for key in ("mask_id", "vocab_size", "special_ids") if key not in metadata]
+    if missing:
+      raise ConfigError(f"dataset {data_config.name!r} has no token metadata "
+                        f"({', '.join(missing)}); masked-LM models train on "
+                        "--config.data.name=text")
+    return Task(name, mlm_probability=float(data_config.mlm_probability),
+                mask_id=int(metadata["mask_id"]), vocab_size=int(metadata["vocab_size"]),
+                special_ids=tuple(int(i) for i in metadata["special_ids"]))
+  return Task(name)
+
+
+def check_dataset(task: Task, splits: Mapping[str, Mapping[str, Any]], model: str,
+                  dataset: str) -> None:
+  """Raises ConfigError when the dataset does not provide what the model's task reads."""
+  needed = set(task.input_keys) | ({"label"} if task.name != "mlm" else set())
+  missing = sorted(needed - set(splits["train"]))
+  if missing:
+    raise ConfigError(f"model {model} ({task.name}) cannot train on dataset {dataset!r}: it "
+                      f"has no {', '.join(missing)}; pick a dataset with "
+                      "--config.data.name that matches the model")

@@ -1,0 +1,294 @@
+"""BERT: Hugging Face parity on a fixture, shapes, precision, masking, errors, axis names."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from dsjax import config as config_lib
+from dsjax.errors import CheckpointError, ConfigError
+from dsjax.models import bert, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "bert_tiny_hf"  # scripts/make_bert_fixture.py
+
+
+def _tiny(**overrides):
+  fields = {"vocab_size": 64, "hidden": 16, "num_layers": 2, "num_heads": 2, "mlp_dim": 32,
+            "max_position": 16, **overrides}
+  return bert.Bert(**fields)
+
+
+def _ids(shape, vocab, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def _random_variables(module, ids, seed=0):
+  """Random parameters in `module.init`'s layout, without compiling init (slow on XLA:CPU)."""
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), ids))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    value = rng.normal(0.0, 0.1, leaf.shape) + (path[-1].key == "scale")
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def hf():
+  module, variables = bert.from_pretrained(FIXTURE)
+  reference = dict(np.load(FIXTURE / "reference.npz"))
+  return jax.jit(module.apply), module, variables, reference
+
+
+@pytest.fixture(scope="module")
+def bert_tiny():
+  """The registered bert-tiny (vocabulary 64), random parameters, float32 logits."""
+  spec = registry.get_spec("bert-tiny")
+  module = spec.build(ml_collections.ConfigDict(spec.defaults), 64, jnp.float32)
+  ids = _ids((2, 8), 64)
+  variables = _random_variables(module, ids)
+  return module, variables, ids, jax.jit(module.apply)(variables, ids)
+
+
+def _apply(apply, variables, reference, **overrides):
+  inputs = {key: reference[key] for key in ("input_ids", "attention_mask", "token_type_ids")}
+  return np.asarray(apply(variables, **{**inputs, **overrides}))
+
+
+# ------------------------------------------------------------ Hugging Face parity
+
+
+def test_from_pretrained_matches_hugging_face_logits(hf):
+  apply, _, variables, reference = hf
+  logits = _apply(apply, variables, reference)
+  assert logits.shape == reference["logits"].shape == (2, 12, 99)
+  # Both sides compute in float32; only the summation order of the matmuls, softmax and
+  # LayerNorms differs (measured max difference ~1e-7 on logits of size ~0.7). 1e-4 leaves
+  # room for other BLAS/XLA versions, while any mapping error (a kernel not transposed, a
+  # dropped bias or LayerNorm scale: the fixture randomises all of them) moves logits by
+  # 1e-2 or more.
+  np.testing.assert_allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_from_pretrained_returns_plain_float32_params_in_init_layout(hf):
+  _, module, variables, reference = hf
+  expected = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), reference["input_ids"]))
+  leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32 for leaf in leaves)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, expected)
+  assert variables["params"]["encoder"]["layers"]["attention"]["out"]["kernel"].shape == (
+      2, 4, 8, 32)
+
+
+def test_hf_config_to_model_fields():
+  fields = bert.hf_config_to_model_fields(json.loads((FIXTURE / "config.json").read_text()))
+  assert fields == {"hidden": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 37,
+                    "max_position": 64, "dropout_rate": 0.1}
+
+
+def test_padding_tokens_do_not_change_real_tokens(hf):
+  apply, _, variables, reference = hf
+  mask = reference["attention_mask"]
+  assert mask[1, 7:].sum() == 0 and mask[1, :7].all()  # row 1: 7 tokens, 5 padding
+  garbage = reference["input_ids"].copy()
+  garbage[1, 7:] = np.arange(5) + 40
+  types = reference["token_type_ids"].copy()
+  types[1, 7:] = 1
+  padded = _apply(apply, variables, reference)
+  changed = _apply(apply, variables, reference, input_ids=garbage, token_type_ids=types)
+  np.testing.assert_allclose(changed[1, :7], padded[1, :7], atol=1e-6, rtol=0)
+  assert np.abs(changed[1, 7:] - padded[1, 7:]).max() > 1e-3  # The padding itself did change.
+
+
+# ------------------------------------------------------------ checkpoint errors
+
+
+def _copy_fixture(tmp_path):
+  folder = tmp_path / "ckpt"
+  shutil.copytree(FIXTURE, folder)
+  return folder
+
+
+def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match="does not exist"):
+    bert.from_pretrained(tmp_path / "nowhere")
+  tmp_path.joinpath("empty").mkdir()
+  with pytest.raises(CheckpointError, match="no config.json"):
+    bert.from_pretrained(tmp_path / "empty")
+
+
+def test_missing_tensor_is_named(tmp_path):
+  folder = _copy_fixture(tmp_path)
+  tensors = load_file(folder / "model.safetensors")
+  del tensors["bert.encoder.layer.1.attention.self.key.weight"]
+  save_file(tensors, folder / "model.safetensors")
+  with pytest.raises(CheckpointError, match=r"no tensor 'bert\.encoder\.layer\.1\.attention"
+                                            r"\.self\.key\.weight'"):
+    bert.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"intermediate_size": 40}, r"'bert\.encoder\.layer\.0\.intermediate\.dense\.weight' .* "
+                                r"shape \(37, 32\)"),
+    ({"hidden_act": "relu"}, "hidden_act='relu'"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+])
+def test_mismatched_config_is_a_clear_error(tmp_path, change, message):
+  folder = _copy_fixture(tmp_path)
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**config, **change}))
+  with pytest.raises(CheckpointError, match=message):
+    bert.from_pretrained(folder)
+
+
+def test_old_tensor_spellings_load_the_same_params(hf, tmp_path):
+  # Original Google conversions say LayerNorm.gamma/beta and keep the output bias as
+  # cls.predictions.decoder.bias (and sometimes a copy of the tied decoder weight).
+  _, _, variables, _ = hf
+  folder = _copy_fixture(tmp_path)
+  renames = {".LayerNorm.weight": ".LayerNorm.gamma", ".LayerNorm.bias": ".LayerNorm.beta",
+             "cls.predictions.bias": "cls.predictions.decoder.bias"}
+  tensors = {}
+  for name, value in load_file(folder / "model.safetensors").items():
+    for old, new in renames.items():
+      name = name.replace(old, new)
+    tensors[name] = value
+  tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"]
+  save_file(tensors, folder / "model.safetensors")
+  _, renamed = bert.from_pretrained(folder)
+  jax.tree.map(np.testing.assert_array_equal, renamed, variables)
+
+
+def test_pytorch_bin_without_torch_says_to_convert(tmp_path):
+  if importlib.util.find_spec("torch") is not None:
+    pytest.skip("torch is installed: pytorch_model.bin is readable")
+  folder = _copy_fixture(tmp_path)
+  (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+  with pytest.raises(CheckpointError, match="convert it to model.safetensors"):
+    bert.from_pretrained(folder)
+
+
+# ------------------------------------------------------------ the module
+
+
+def test_logits_shape_and_dtype_with_default_mask_and_types(bert_tiny):
+  *_, logits = bert_tiny
+  assert logits.shape == (2, 8, 64) and logits.dtype == jnp.float32
+  assert np.isfinite(logits).all()
+
+
+def test_bfloat16_compute_gives_finite_float32_logits_close_to_float32(bert_tiny):
+  module, variables, ids, full = bert_tiny
+  half = jax.jit(module.clone(compute_dtype=jnp.bfloat16).apply)(variables, ids)
+  assert half.dtype == jnp.float32 and np.isfinite(half).all()
+  # bfloat16 keeps 8 significant bits (~0.4% per rounding), rounded a few times per layer.
+  np.testing.assert_allclose(half, full, atol=0.05 * np.abs(full).max(), rtol=0)
+
+
+def test_bert_base_has_110m_parameters():
+  spec = registry.get_spec("bert-base")
+  module = spec.build(ml_collections.ConfigDict(spec.defaults), 30522, jnp.float32)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  count = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert abs(count - 110e6) / 110e6 < 0.01, count
+
+
+def test_params_carry_logical_axis_names():
+  module = _tiny()
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  specs = nn.get_partition_spec(shapes)["params"]
+  names = {name for spec in jax.tree.leaves(specs) for name in spec if name}
+  assert names >= {"layers", "heads", "kv", "mlp", "vocab", "embed"}
+  layers = specs["encoder"]["layers"]
+  P = jax.sharding.PartitionSpec
+  assert layers["attention"]["query"]["kernel"] == P("layers", "embed", "heads", "kv")
+  assert layers["attention"]["out"]["kernel"] == P("layers", "heads", "kv", "embed")
+  assert layers["mlp_in"]["kernel"] == P("layers", "embed", "mlp")
+  assert specs["word_embeddings"]["embedding"] == P("vocab", "embed")
+
+
+def test_activation_constraints_are_a_no_op_without_rules_and_apply_inside_scan():
+  x = jnp.ones((2, 3, 4))
+  assert nn.with_logical_constraint(x, bert.ACTIVATION_AXES) is x
+  module, ids = _tiny(), _ids((8, 4), 64)
+  variables = jax.eval_shape(module.init, jax.random.key(0), ids)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  with jax.set_mesh(mesh), nn.logical_axis_rules([("batch", "data")]):
+    text = jax.jit(module.apply).lower(variables, ids).as_text()
+  # Every layer's activation constraints, inside the scanned body too.
+  assert text.count("sharding_constraint") >= 4
+
+
+def _primitives(jaxpr):
+  names = set()
+  for equation in jaxpr.eqns:
+    names.add(equation.primitive.name)
+    for param in equation.params.values():
+      for sub in param if isinstance(param, tuple | list) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          names |= _primitives(inner)
+  return names
+
+
+def test_train_mode_draws_dropout_and_remat_checkpoints_the_layers():
+  # Traced, not compiled: the backward pass compiles slowly on XLA:CPU.
+  module, ids = _tiny(dropout_rate=0.5), _ids((2, 6), 64)
+  params = _random_variables(module, ids)["params"]
+
+  def primitives(model, train):
+    loss = lambda p: model.apply({"params": p}, ids, train=train,
+                                 rngs={"dropout": jax.random.key(1)}).sum()
+    return _primitives(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+  assert "random_bits" in primitives(module, train=True)
+  assert "random_bits" not in primitives(module, train=False)
+  remat = {"remat2", "checkpoint"}  # jax.checkpoint's primitive, by jax version.
+  assert not remat & primitives(module, train=True)
+  assert remat & primitives(module.clone(remat=True), train=True)
+
+
+def test_sequence_longer_than_max_position_is_a_config_error():
+  with pytest.raises(ConfigError, match="max_position"):
+    _tiny().init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
+
+
+# ------------------------------------------------------------ registry and configs
+
+
+def test_registered_models():
+  for name, (layers, hidden) in {"bert-tiny": (2, 128), "bert-mini": (4, 256),
+                                 "bert-base": (12, 768)}.items():
+    spec = registry.get_spec(name)
+    assert (spec.task, spec.dataset) == ("mlm", "text")
+    assert (spec.defaults["num_layers"], spec.defaults["hidden"]) == (layers, hidden)
+  assert registry.get_spec("bert-base").config_file == "bert_base.py"
+  spec = registry.get_spec("bert-tiny")
+  assert list(spec.check(ml_collections.ConfigDict(spec.defaults))) == []
+  bad = ml_collections.ConfigDict({**spec.defaults, "num_heads": 3, "matmul_impl": "cuda",
+                                   "dropout_rate": 1.0})
+  problems = " ".join(spec.check(bad))
+  assert "divisible" in problems and "matmul_impl" in problems and "dropout_rate" in problems
+
+
+@pytest.mark.parametrize("name", ["bert_tiny.py", "bert_base.py"])
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_configs_validate(name, arg):
+  path = ROOT / "configs" / name
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  config_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config_module)
+  config = config_module.get_config(arg)
+  config_lib.validate(config)
+  assert config.data.name == "text"
+  assert config.data.seq_len <= config.model.max_position
