@@ -37,6 +37,8 @@ _SHORTHANDS = {
     "gradient-accumulation": "train.grad_accum_steps",
     "steps": "train.steps",
     "seed": "seed",
+    "init-from": "train.init_from",
+    "grad-compression": "parallel.grad_compression",
     "coordinator": "distributed.coordinator",
     "num-processes": "distributed.num_processes",
     "process-id": "distributed.process_id",
@@ -58,6 +60,12 @@ flags.DEFINE_integer("seed", None, "Random seed.", flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Run folder; rerunning on it resumes.", flag_values=FLAGS)
 flags.DEFINE_string("architecture", None, "dsjax-train of a DNAS model: the "
                     "architecture.json dsjax-search wrote (model.architecture).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("init-from", None, "Start from a pretrained checkpoint (bert-*: a Hugging "
+                    "Face BERT folder with config.json, model.safetensors, vocab.txt).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("grad-compression", None, "Data-parallel gradient exchange: none, "
+                    "topk:DENSITY, threshold:T or powersgd:RANK (parallel.grad_compression).",
                     flag_values=FLAGS)
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=2,model=2,pipe=2 (axes pipe, data, "
                     "fsdp, model; -1 takes the rest); sets config.mesh.", flag_values=FLAGS)
@@ -183,7 +191,11 @@ def train_main(argv: Sequence[str] | None = None) -> None:
   """Entry point of `dsjax-train`."""
 
   def train(config):
+    from dsjax.parallel import overlap  # noqa: PLC0415 - imports jax (not the backend).
     from dsjax.train import train_and_evaluate  # Heavy (jax, orbax): import after parsing.
+
+    # Before anything starts the backend: XLA reads its flags once.
+    overlap.apply_overlap_flags(overlap.detect_backend(), bool(config.parallel.overlap))
 
     return train_and_evaluate(config, FLAGS.workdir)
 

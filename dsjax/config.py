@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.split_seed = 0
   config.data.seq_len = 128  # Token data: tokens per packed sequence.
   config.data.vocab_size = 8192  # Token data: WordPiece vocabulary trained on the corpus.
+  config.data.vocab_file = ""  # Token data: a pretrained vocab.txt instead (--init-from sets it).
   config.data.mlm_probability = 0.15  # Masked-LM: share of tokens predicted (80/10/10 rule).
   config.data.num_examples = 0  # Synthetic data: examples generated; 0 is the loader's default.
   config.data.augment = False  # Images: random crop + horizontal flip of training batches.
@@ -55,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 100
   config.train.eval_batch_size = 256
   config.train.log_every_steps = 10
+  # A pretrained checkpoint to start from (bert-*: a Hugging Face BERT folder); its model
+  # sizes replace config.model's, and its vocab.txt becomes data.vocab_file.
+  config.train.init_from = ""
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
@@ -116,10 +120,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.model = 1
+  # Devices the mesh spans: 0 means all (of all processes); N the first N of one process
+  # (scaling studies, or leaving devices to another job).
+  config.mesh.num_devices = 0
   config.parallel = ml_collections.ConfigDict()
   # Overrides of the logical -> mesh axis rules, e.g. "embed=model,vocab=none".
   config.parallel.rules = ""
   config.parallel.microbatches = 0  # Pipeline micro-batches; 0 means 2 x mesh.pipe.
+  # Data-parallel gradient exchange (dsjax.parallel.compression): none (XLA's dense
+  # all-reduce), topk:DENSITY, threshold:T or powersgd:RANK, plus ",knob=value" options.
+  config.parallel.grad_compression = "none"
+  # 1: apply step t-1's gradient while step t's is exchanged (asynchronous update).
+  config.parallel.delayed_update = 0
+  # Let collectives run asynchronously behind compute (XLA flags per backend; set before
+  # the backend starts, so it applies from the command line).
+  config.parallel.overlap = True
   # Multi-process runs (dsjax.parallel.distributed); flags --coordinator etc. set these.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.coordinator = ""  # host:port of process 0.
@@ -251,7 +266,18 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(0 <= config.data.val_fraction < 0.5,
         f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
   for axis, size in config.mesh.items():
-    check(size >= 1 or size == -1, f"mesh.{axis} must be >= 1 or -1 (the rest), got {size}")
+    if axis != "num_devices":
+      check(size >= 1 or size == -1, f"mesh.{axis} must be >= 1 or -1 (the rest), got {size}")
+  check(config.mesh.num_devices >= 0,
+        f"mesh.num_devices must be >= 0 (0: all devices), got {config.mesh.num_devices}")
+  check(config.parallel.delayed_update in (0, 1),
+        f"parallel.delayed_update must be 0 or 1, got {config.parallel.delayed_update}")
+  try:
+    from dsjax.parallel import compression  # noqa: PLC0415 - imports jax.
+
+    compression.parse_compression(config.parallel.grad_compression)
+  except ConfigError as error:
+    problems.append(f"parallel.grad_compression: {error}")
   check(config.parallel.microbatches >= 0,
         f"parallel.microbatches must be >= 0 (0: 2 x mesh.pipe), got "
         f"{config.parallel.microbatches}")

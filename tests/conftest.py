@@ -7,8 +7,12 @@ import os
 import pickle
 import tempfile
 
+# Compiling dominates the suite's time on 2 cores: skip XLA's expensive backend (LLVM)
+# optimisations. The HLO-level work (fusion, SPMD partitioning) is unchanged; every
+# comparison in the tests runs both sides under the same flags.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU compiles take seconds here; tests and the CLI subprocesses they start compile
 # the same small programs again and again, so share one persistent cache per test run.
@@ -17,6 +21,30 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from dsjax import config as config_lib  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "all_devices: the test's training runs span all 8 "
+                          "simulated devices (others run on one)")
+
+
+@pytest.fixture(autouse=True)
+def _one_device_training(request, monkeypatch):
+  """Training runs built from `base_config()` use one device unless the test is marked
+  `all_devices`: most tests are about something else, and 8-way SPMD on 2 cores is slow.
+  Parallel tests build their meshes explicitly or carry the marker."""
+  if request.node.get_closest_marker("all_devices"):
+    return
+  original = config_lib.base_config
+
+  def base_config():
+    config = original()
+    config.mesh.num_devices = 1
+    return config
+
+  monkeypatch.setattr(config_lib, "base_config", base_config)
 
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 

@@ -292,3 +292,39 @@ def test_configs_validate(name, arg):
   config_lib.validate(config)
   assert config.data.name == "text"
   assert config.data.seq_len <= config.model.max_position
+
+
+def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
+  from test_checkpoint import final_state
+
+  from dsjax.train import train_and_evaluate
+
+  folder = tmp_path / "hf"
+  shutil.copytree(FIXTURE, folder)
+  words = [f"w{i}" for i in range(99 - 5)]
+  (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                               *words]) + "\n")
+  config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
+  config.data.seq_len, config.data.cache_dir = 32, str(tmp_path)
+  config_lib.make_tiny(config, batch_size=8)
+  config.train.steps, config.train.init_from = 1, str(folder)
+  config.optimizer.name, config.optimizer.learning_rate = "sgd", 1e-12
+  config.optimizer.weight_decay = 0.0
+  summary = train_and_evaluate(config, tmp_path / "run")
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["model"]["hidden"] == 32 and saved["data"]["vocab_file"].endswith("vocab.txt")
+  assert summary["steps"] == 1
+  _, state = final_state(tmp_path / "run")
+  _, variables = bert.from_pretrained(folder)
+  for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(variables["params"]),
+                       strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6)  # One step at lr 1e-12 moves nothing.
+
+
+def test_init_from_refuses_models_without_a_pretrained_format(tmp_path):
+  from dsjax.train import train_and_evaluate
+
+  config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
+  config.train.init_from = str(FIXTURE)
+  with pytest.raises(ConfigError, match="has no pretrained format; models that load one: bert"):
+    train_and_evaluate(config, tmp_path)

@@ -15,8 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = f"--config={REPO}/configs/digits_cnn.py:tiny"
 
 
+# These tests exercise the command line, not parallelism: they run on a one-device machine
+# (tests/test_multihost.py runs the CLI on 8 devices and on two processes).
+ONE_DEVICE = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+    "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1"))
+
+
 def run_cli(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "dsjax.train", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "dsjax.train", *args], cwd=REPO, env=ONE_DEVICE,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -45,7 +51,8 @@ def test_seed_style_command_writes_all_outputs(tmp_path):
 
 def test_profile_command_writes_a_report(tmp_path):
   result = subprocess.run([sys.executable, "-m", "dsjax.profile", TINY, "--steps", "4",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True,
+                           "--workdir", str(tmp_path)], cwd=REPO, env=ONE_DEVICE,
+                          capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "step time" in result.stdout and "top bottleneck" in result.stdout
@@ -62,7 +69,7 @@ def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
 
   workdir = tmp_path / "killed"
   process = subprocess.Popen([sys.executable, "-m", "dsjax.train", *args, "--workdir",
-                              str(workdir)], cwd=REPO, stdout=subprocess.DEVNULL,
+                              str(workdir)], cwd=REPO, env=ONE_DEVICE, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
@@ -97,8 +104,8 @@ def test_extending_steps_matches_a_longer_fresh_run(tmp_path):
 
 
 BAD_INPUTS = [
-    (["--model", "resnet-9000"], "unknown model 'resnet-9000'; known models: cnn-cifar10, "
-     "cnn-digits"),
+    (["--model", "resnet-9000"], "unknown model 'resnet-9000'; known models: bert-base, "
+     "bert-mini, bert-tiny, cnn-cifar10, cnn-digits"),
     ([TINY, "--config.train.stepz=3"],
      "--config.train.stepz: the config has no key 'stepz' (did you mean 'steps'?)"),
     ([TINY, "--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal"),
@@ -133,7 +140,8 @@ def test_bad_input_one_line_error(tmp_path, args, expected):
 def test_search_then_retrain_via_cli(tmp_path):
   dnas = f"--config={REPO}/configs/digits_dnas.py:tiny"
   searched = subprocess.run([sys.executable, "-m", "dsjax.nas", dnas, "--workdir",
-                             str(tmp_path / "search")], cwd=REPO, capture_output=True,
+                             str(tmp_path / "search")], cwd=REPO, env=ONE_DEVICE,
+                          capture_output=True,
                             text=True, timeout=300)
   assert searched.returncode == 0, searched.stderr
   assert "ops (most probable first)" in searched.stdout

@@ -64,8 +64,8 @@ def _setup(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32):
   mesh = mesh_lib.make_mesh(mesh_sizes, devices)
   rules = sharding.parse_rules()
   runtime = PlanRuntime(config.precision, lambda plan, dtype: model,
-                        lambda stats: make_train_step(TASK, accum, lr), task=TASK, mesh=mesh,
-                        rules=rules)
+                        lambda stats, density: make_train_step(TASK, accum, lr), task=TASK,
+                        mesh=mesh, rules=rules)
   with runtime.context():
     state = create_train_state(model, tx, dataset.input_shape, 0, mesh=mesh, rules=rules)
   return dataset, runtime, state, mesh

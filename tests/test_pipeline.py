@@ -156,8 +156,13 @@ def test_sharded_pipeline_on_mesh(setup, expected):
 ])
 def test_config_errors(kwargs, batch, message):
   x = jnp.zeros((batch, SEQ, HIDDEN))
+  # Init runs the plain scan on any batch (trainers initialise on one example); the
+  # micro-batch split is checked when the pipeline runs.
+  variables = jax.eval_shape(lambda: _pipeline(num_stages=2).init(jax.random.key(0), x,
+                                                                   x[..., :1]))
   with pytest.raises(ConfigError, match=message):
     jax.eval_shape(lambda: _pipeline(**kwargs).init(jax.random.key(0), x, x[..., :1]))
+    jax.eval_shape(lambda: _pipeline(**kwargs).apply(variables, x, x[..., :1]))
 
 
 def test_bubble_fraction():

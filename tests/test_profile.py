@@ -42,7 +42,7 @@ def test_flops_match_the_analytic_count():
 
 def test_data_parallel_all_reduce_moves_the_gradient_bytes():
   """Batch sharded over 8 devices, params replicated: XLA all-reduces every gradient
-  once, so the all-reduce payload equals the float32 parameter bytes (factor 1)."""
+  once, each of the 8 devices contributing its float32 gradient (factor 8)."""
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = _mlp_params()
@@ -55,27 +55,29 @@ def test_data_parallel_all_reduce_moves_the_gradient_bytes():
                      out_shardings=replicated).lower(params, jnp.ones((64, WIDTHS[0]))).compile()
   moved = profile.collective_bytes(compiled)
   param_bytes = sum(p.size * 4 for p in jax.tree.leaves(params))
-  assert moved["all-reduce"] == param_bytes
-  assert moved["total"] == param_bytes
+  assert moved["all-reduce"] == 8 * param_bytes
+  assert moved["total"] == 8 * param_bytes
   assert profile.tree_bytes(params) == param_bytes
 
 
 def test_collective_bytes_parses_async_pairs_and_every_kind():
   text = """
-  %ag = f32[8,128]{1,0} all-gather(%p), replica_groups={}
-  %rs = bf16[16]{0} reduce-scatter(%q), to_apply=%add
-  %ars = (f32[1024]{0}, f32[1024]{0}) all-reduce-start(%g), to_apply=%add
-  %ard = f32[1024]{0} all-reduce-done(%ars)
-  %cp = s32[4,4]{1,0} collective-permute(%r), source_target_pairs={{0,1}}
-  %a2a = (f16[2,8]{1,0}, f16[2,8]{1,0}) all-to-all(%s, %t)
+  %ag = f32[8,128]{1,0} all-gather(%p), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %rs = bf16[16]{0} reduce-scatter(%q), replica_groups=[2,4]<=[8], to_apply=%add
+  %ars = (f32[1024]{0}, f32[512]{0}) all-reduce-start(%g, %h), replica_groups={{0,1}}
+  %ard = (f32[1024]{0}, f32[512]{0}) all-reduce-done(%ars)
+  %cps = (s32[4,4]{1,0}, s32[4,4]{1,0}, u32[], u32[]) collective-permute-start(%r),\
+    source_target_pairs={{0,1},{1,0}}
+  %cpd = s32[4,4]{1,0} collective-permute-done(%cps)
+  %a2a = (f16[2,8]{1,0}, f16[2,8]{1,0}) all-to-all(%s, %t), replica_groups={{0,1}}
   %mul = f32[1024]{0} multiply(%ard, %ard)
   """
   moved = profile.collective_bytes(text)
-  assert moved["all-gather"] == 8 * 128 * 4
-  assert moved["reduce-scatter"] == 16 * 2
-  assert moved["all-reduce"] == 1024 * 4  # The start's result, once; the done is skipped.
-  assert moved["collective-permute"] == 16 * 4
-  assert moved["all-to-all"] == 2 * 2 * 8 * 2
+  assert moved["all-gather"] == 8 * 128 * 4  # 8 devices x their 128-float operand.
+  assert moved["reduce-scatter"] == 16 * 2 * 4 * 4  # Operand 4x the result, 4 devices.
+  assert moved["all-reduce"] == (1024 + 512) * 4 * 2  # Combined async pair, counted once.
+  assert moved["collective-permute"] == 16 * 4 * 2  # Not the u32 context scalars.
+  assert moved["all-to-all"] == 2 * 2 * 8 * 2 * 2
   assert moved["total"] == sum(v for k, v in moved.items() if k != "total")
 
 

@@ -240,6 +240,27 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
   return tokenizer
 
 
+def tokenizer_from_vocab_file(vocab_file: str) -> Tokenizer:
+  """The BERT WordPiece tokenizer of a `vocab.txt` (one token per line, id = line number),
+  as Hugging Face BERT checkpoints ship it; uncased (lowercasing) like bert-*-uncased.
+
+  Raises:
+    DataError: the file is missing, or lacks one of the special tokens.
+  """
+  path = Path(vocab_file).expanduser()
+  if not path.is_file():
+    raise DataError(f"text: vocab_file {path} does not exist; set --config.data.vocab_file to "
+                    "the vocab.txt of the pretrained checkpoint (or leave it empty to train "
+                    "a tokenizer on the corpus)")
+  tokens = _read_utf8(path).splitlines()
+  vocab = {token: index for index, token in enumerate(tokens) if token}
+  missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+  if missing:
+    raise DataError(f"text: vocab_file {path} has no {', '.join(missing)}; it is not a BERT "
+                    "WordPiece vocabulary")
+  return _untrained_tokenizer(vocab)
+
+
 def _check_special_ids(tokenizer: Tokenizer, what: str) -> None:
   ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
   if ids != list(range(len(SPECIAL_TOKENS))):
@@ -446,8 +467,12 @@ def load_text(data_config: Any) -> Dataset:
   val_fraction = check_val_fraction(data_config.val_fraction, "text")
   data_dir = getattr(data_config, "data_dir", "") or ""
   documents = load_documents(data_dir)
-  tokenizer, path = cached_tokenizer(documents, data_config.vocab_size,
-                                     getattr(data_config, "cache_dir", "") or "")
+  vocab_file = getattr(data_config, "vocab_file", "") or ""
+  if vocab_file:  # A pretrained model's vocabulary: its token ids are its embedding rows.
+    tokenizer, path = tokenizer_from_vocab_file(vocab_file), Path(vocab_file)
+  else:
+    tokenizer, path = cached_tokenizer(documents, data_config.vocab_size,
+                                       getattr(data_config, "cache_dir", "") or "")
   # A literal "[MASK]" in the corpus is text, not the mask token.
   tokenizer.encode_special_tokens = True
   encoded = [e.ids for e in tokenizer.encode_batch(documents, add_special_tokens=False)]

@@ -3,7 +3,9 @@
 from dsjax.models import (
     bert,  # noqa: F401  (registers bert-tiny, bert-mini, bert-base)
     cnn,  # noqa: F401  (registers cnn-digits, cnn-cifar10)
+    resnet,  # noqa: F401  (registers resnet20)
     supernet,  # noqa: F401  (registers dnas-digits, dnas-cifar10)
+    wide_deep,  # noqa: F401  (registers wide-deep)
 )
 from dsjax.models.registry import ModelSpec, get_spec, known_models, register
 

@@ -25,6 +25,7 @@ from dsjax.errors import CheckpointError, ConfigError
 from dsjax.models import registry
 from dsjax.nn.layers import _sow_stats  # The stats contract of every dsjax.nn layer.
 from dsjax.parallel import pipeline
+from dsjax.profile import flops as profile_flops
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 _INIT = nn.initializers.normal(stddev=0.02)  # As BERT (initializer_range).
@@ -346,6 +347,22 @@ def _check(model_config: Any) -> list[str]:
   return problems
 
 
+def _load_pretrained(path: str) -> tuple[dict[str, Any], Any, str | None]:
+  """`--init-from`: model fields, params and vocab.txt of a Hugging Face BERT folder."""
+  module, variables = from_pretrained(path)
+  folder = Path(path).expanduser()
+  fields = hf_config_to_model_fields(json.loads((folder / "config.json").read_text()))
+  vocab = folder / "vocab.txt"
+  return fields, variables["params"], str(vocab) if vocab.is_file() else None
+
+
+def _flops_per_example(model_config: Any, num_classes: int, example: Any) -> float:
+  seq_len = int(example["input_ids"].shape[-1])
+  return seq_len * profile_flops.transformer_flops_per_token(
+      num_layers=model_config.num_layers, hidden=model_config.hidden,
+      mlp_dim=model_config.mlp_dim, seq_len=seq_len, vocab_size=num_classes)
+
+
 _DEFAULTS = {"hidden": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512,
              "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False}
 _SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
@@ -353,6 +370,7 @@ _SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
 for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():
   registry.register(registry.ModelSpec(
       name=_name, build=_build, dataset="text", task="mlm", check=_check, pipelined=True,
+      flops_per_example=_flops_per_example, load_pretrained=_load_pretrained,
       defaults={**_DEFAULTS, "hidden": _hidden, "num_layers": _layers, "num_heads": _heads,
                 "mlp_dim": _mlp},
       config_file="bert_base.py" if _name == "bert-base" else "bert_tiny.py"))

@@ -35,6 +35,11 @@ class ModelSpec:
       "ctr" (binary click prediction).
     pipelined: its layer stack can run as pipeline stages over the `pipe` mesh axis: the
       module has `num_stages` and `num_microbatches` attributes.
+    flops_per_example: `(model_config, num_classes, example) -> forward matmul FLOPs` of
+      one example (`example`: one row of each input array); the MFU numerator where
+      XLA's cost analysis cannot see every matmul (GPU library calls). None: XLA's count.
+    load_pretrained: `(path) -> (model fields, params, vocab file or None)` reads a
+      pretrained checkpoint for `--init-from`; None: the model has no pretrained format.
   """
 
   name: str
@@ -46,6 +51,8 @@ class ModelSpec:
   searchable: bool = False
   task: str = "classification"
   pipelined: bool = False
+  flops_per_example: Callable[..., float] | None = None
+  load_pretrained: Callable[[str], tuple[dict[str, Any], Any, str | None]] | None = None
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -9,10 +9,13 @@ from dsjax.nn.layers import (
     LayerNorm,
     MultiHeadAttention,
 )
+from dsjax.nn.norm import BATCH_STATS, BatchNorm
 from dsjax.nn.plan import CHOICES, FP32, HALF, PrecisionPlan, layer_dtype, module_path
 from dsjax.nn.remat import HALF_DTYPES, remat, save_half_residuals
 
 __all__ = [
+    "BATCH_STATS",
+    "BatchNorm",
     "CHOICES",
     "FP32",
     "HALF",

@@ -41,7 +41,7 @@ from dsjax.errors import ConfigError
 MODES = ("none", "topk", "threshold", "powersgd")
 # DGC's warm-up densities (75%, 93.75%, 98.4375%, 99.6% sparsity), then the target.
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
-_KNOBS = ("min_size", "momentum", "clip_norm", "warmup_steps", "capacity")
+_KNOBS = ("min_size", "momentum", "clip_norm", "warmup_steps", "capacity", "error_feedback")
 _FORMS = ("use none, topk:<density in (0, 1]>, threshold:<T > 0> or powersgd:<rank >= 1>, "
           "optionally followed by ,key=value knobs from min_size, momentum, clip_norm, "
           "warmup_steps and capacity (e.g. topk:0.001,momentum=0.9,warmup_steps=1000)")
@@ -67,6 +67,8 @@ class Compression:
       buffer, filled with the first entries above the threshold in index order (an O(n)
       prefix-sum packing, no top-k); those that do not fit stay in the residual and are
       counted as overflow. The default, 1%, bounds traffic as topk:0.01 does.
+    error_feedback: keep what was not sent and add it to the next step's gradient
+      (`error_feedback=0` drops it: the ablation that shows why it matters).
   """
 
   mode: str = "none"
@@ -78,6 +80,7 @@ class Compression:
   clip_norm: float = 0.0
   warmup_steps: int = 0
   capacity: float = 0.01
+  error_feedback: bool = True
 
   def __post_init__(self):
     problem = _validate(dataclasses.asdict(self))
@@ -150,9 +153,12 @@ def parse_compression(spec: str) -> Compression:
         raise fail(f"unknown knob {knob!r}")
       if key in fields:
         raise fail(f"knob {key!r} given twice")
-      fields[key] = int(value) if key in ("min_size", "warmup_steps") else float(value)
-  except ValueError as error:
-    raise fail(f"not a number: {error}") from None
+      if key == "error_feedback":
+        fields[key] = {"0": False, "1": True}[value]
+      else:
+        fields[key] = int(value) if key in ("min_size", "warmup_steps") else float(value)
+  except (ValueError, KeyError) as error:
+    raise fail(f"not a number (error_feedback is 0 or 1): {error}") from None
   if "capacity" in fields and mode != "threshold":
     raise fail("capacity applies to threshold only")
   problem = _validate(fields)
@@ -439,6 +445,8 @@ def exchange(grads: Any, state: CompressionState, compression: Compression, *,
   def rebuild(column, old):
     return None if old is None else jax.tree.unflatten(treedef, column)
 
+  if not compression.error_feedback:  # Unsent values are dropped, not carried over.
+    residuals = [jnp.zeros_like(r) for r in residuals]
   new_state = CompressionState(residual=rebuild(residuals, state.residual),
                                momentum=rebuild(momenta, state.momentum),
                                q=None if state.q is None else tuple(

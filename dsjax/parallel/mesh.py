@@ -97,13 +97,29 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) ->
   run each process's devices are contiguous along the outer axes).
 
   Args:
-    sizes: `{axis: size}`, e.g. the `mesh` config section.
+    sizes: `{axis: size}`, e.g. the `mesh` config section; its optional `num_devices`
+      (0: all) takes the first N devices when `devices` is None.
     devices: the devices to use; all of them when None.
 
   Returns:
     A `jax.sharding.Mesh` with axes `AXES` (Auto axis types: shardings propagate).
+
+  Raises:
+    ConfigError: the sizes do not match the devices, or `num_devices` asks for more
+      devices than exist (or for part of a multi-process job).
   """
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    devices = jax.devices()
+    wanted = int(sizes.get("num_devices", 0) or 0)
+    if wanted:
+      if wanted > len(devices):
+        raise ConfigError(f"mesh.num_devices={wanted}, but there are only {len(devices)} "
+                          f"devices; use at most {len(devices)} (0 means all)")
+      if jax.process_count() > 1 and wanted != len(devices):
+        raise ConfigError(f"mesh.num_devices={wanted}: a multi-process run spans all "
+                          f"{len(devices)} devices of its processes; leave it at 0")
+      devices = devices[:wanted]
+  devices = list(devices)
   shape = resolve_shape(sizes, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
   try:

@@ -77,6 +77,25 @@ def overlap_env_var(backend: str) -> str:
   return "LIBTPU_INIT_ARGS" if _backend(backend) == "tpu" else "XLA_FLAGS"
 
 
+def detect_backend() -> str:
+  """The platform JAX will pick, without starting it: `JAX_PLATFORMS` if set, else the
+  installed plugins (libtpu: tpu; a CUDA or ROCm plugin: gpu), else cpu."""
+  import importlib.util  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    first = platforms.split(",")[0]
+    return "gpu" if first in ("cuda", "rocm", "gpu") else first if first in _BACKENDS else "cpu"
+  if importlib.util.find_spec("libtpu") is not None:
+    return "tpu"
+  if any(importlib.util.find_spec(name) is not None
+         for name in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm60_plugin",
+                      "jax_rocm7_plugin")):
+    return "gpu"
+  return "cpu"
+
+
 def _backends_initialized() -> bool:
   try:
     from jax._src import xla_bridge

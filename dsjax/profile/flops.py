@@ -75,6 +75,32 @@ def device_peak_flops(half_precision: bool = True, device: Any = None) -> tuple[
   return measured_peak_flops(), "measured:float32-matmul"
 
 
+def transformer_flops_per_token(*, num_layers: int, hidden: int, mlp_dim: int, seq_len: int,
+                                vocab_size: int, head_hidden: int | None = None) -> float:
+  """Forward matmul FLOPs per token of a (BERT-style) transformer encoder with an LM head.
+
+  Counts what MaxText and the PaLM appendix count: 2 FLOPs per multiply-add of every
+  matmul (Q/K/V/output projections 4·H², MLP 2·H·F, attention scores and values 2·S·H per
+  layer; the head's dense H² plus the vocabulary projection H·V). Elementwise work
+  (softmax, LayerNorm, GELU) and embedding lookups are not matmuls and are left out.
+
+  Args:
+    num_layers: L.
+    hidden: H.
+    mlp_dim: F.
+    seq_len: S (attention is bidirectional: every query sees every key).
+    vocab_size: V.
+    head_hidden: width of the LM head's transform dense; None: H.
+
+  Returns:
+    Forward FLOPs per token; a training step costs 3x (backward = 2x forward).
+  """
+  head_hidden = hidden if head_hidden is None else head_hidden
+  per_layer = 2 * (4 * hidden * hidden + 2 * hidden * mlp_dim) + 2 * 2 * seq_len * hidden
+  head = 2 * (hidden * head_hidden + head_hidden * vocab_size)
+  return float(num_layers * per_layer + head)
+
+
 def mfu(flops_per_step: float, step_seconds: float, peak_flops: float) -> float:
   """Model FLOPs utilisation of one device: achieved FLOP/s over the peak.
 

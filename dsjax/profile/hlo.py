@@ -1,9 +1,8 @@
 """Bytes moved by collectives, read from the compiled HLO of a step.
 
 Communication is measured from the program XLA will run, never estimated by hand: each
-collective instruction of the per-device program contributes the bytes of its result
-(for an all-reduce, the buffer reduced; for an all-gather, the gathered buffer; for a
-reduce-scatter, this device's shard). Async pairs (`*-start`/`*-done`) count once.
+collective instruction of the per-device program contributes its operand bytes times the
+devices taking part (see `collective_bytes`). Async pairs (`*-start`/`*-done`) count once.
 """
 
 from __future__ import annotations
@@ -35,8 +34,32 @@ def _shape_bytes(shape: str) -> float:
   return total
 
 
+def _participants(attributes: str) -> int:
+  """Devices taking part in one collective: a replica group's size, or permute pairs."""
+  pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attributes)
+  if pairs:
+    return pairs.group(1).count("{")
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attributes)
+  if named:  # Shardy: mesh['data'=4,'model'=2] {'data'}: the product of the named axes.
+    sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", named.group(1))}
+    return math.prod(sizes.get(name, 1) for name in re.findall(r"'([^']+)'", named.group(2)))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", attributes)
+  if iota:
+    return int(iota.group(2))
+  groups = re.search(r"replica_groups=\{\{([0-9,]*)\}", attributes)
+  if groups:
+    return len([d for d in groups.group(1).split(",") if d])
+  return 1
+
+
 def collective_bytes(program: Any) -> dict[str, float]:
-  """Bytes per collective kind in one call of a compiled program.
+  """Bytes each collective kind moves in one call of a compiled program.
+
+  The measure is the issue's "operand sizes x participants": every device taking part
+  contributes its operand, so a data-parallel all-reduce of n gradient bytes over 8
+  devices moves 8n, and an all-gather of k bytes per device moves 8k. Operand sizes are
+  derived from the result shapes (an all-gather's operand is its result / participants, a
+  reduce-scatter's its result x participants).
 
   Args:
     program: a compiled jax function (`.as_text()` is read) or HLO text.
@@ -50,12 +73,17 @@ def collective_bytes(program: Any) -> dict[str, float]:
   for match in _INSTRUCTION.finditer(text):
     if match.group("suffix") == "-done":
       continue
-    shape = match.group("shape")
-    if match.group("suffix") == "-start" and shape.startswith("("):
-      # An async start returns (operands, results[, context]); count the results only.
-      arrays = _ARRAY.findall(shape)
+    op, shape = match.group("op"), match.group("shape")
+    attributes = text[match.end():text.find("\n", match.end())]
+    if match.group("suffix") == "-start" and shape.startswith("(") and op != "all-reduce":
+      # An async start returns (operands, results[, context scalars]): keep the results.
+      arrays = [(d, dims) for d, dims in _ARRAY.findall(shape) if dims or d not in ("u32", "s32")]
       half = len(arrays) // 2 if len(arrays) > 1 else len(arrays)
-      shape = " ".join(f"{d}[{s}]" for d, s in arrays[half:2 * half] or arrays)
-    totals[match.group("op")] += _shape_bytes(shape)
+      shape = " ".join(f"{d}[{dims}]" for d, dims in arrays[half:2 * half] or arrays)
+    result = _shape_bytes(shape)
+    participants = _participants(attributes)
+    operand = {"all-gather": result / participants,
+               "reduce-scatter": result * participants}.get(op, result)
+    totals[op] += operand * participants
   totals["total"] = float(np.sum(list(totals.values())))
   return totals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import tqdm
 from dsjax import data, models, precision, profile
 from dsjax.config import validate
 from dsjax.errors import CheckpointError, ConfigError
+from dsjax.parallel import compression as compression_lib
 from dsjax.parallel import distributed, sharding
 from dsjax.parallel import mesh as parallel_mesh
 from dsjax.train import checkpoint, metrics, optim, precision_plan, step, tasks
@@ -116,8 +118,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   Returns:
     The summary: final validation and test metrics, steps, throughput.
   """
+  # Joining a multi-process job must precede anything that starts the backend (even
+  # validation: the `mixed` preset asks which platform it runs on).
+  distributed.initialize(config.distributed)
   validate(config)
-  distributed.initialize(config.distributed)  # Before anything touches a device.
+  config, pretrained = _apply_init_from(config)
   primary = distributed.is_primary()
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -140,18 +145,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   task = tasks.make_task(spec.task, config.data, dataset.metadata)
   tasks.check_dataset(task, dataset.splits, config.model.name, dataset.name)
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
+  grad_compression = _grad_compression(config, mesh)
+  delayed = bool(config.parallel.delayed_update)
+
+  def make_step(collect_stats: bool, density: float | None,
+                compressed: compression_lib.Compression | None = grad_compression):
+    return step.make_train_step(
+        task, train_cfg.grad_accum_steps, learning_rate_fn, collect_stats=collect_stats,
+        half_residuals=config.precision.half_residuals, grad_compression=compressed,
+        density=density, delayed_update=delayed)
+
   plans = precision_plan.PlanRuntime(
       config.precision,
-      lambda plan, dtype: build(config.model, dataset.num_classes, dtype, plan),
-      lambda collect_stats: step.make_train_step(
-          task, train_cfg.grad_accum_steps, learning_rate_fn, collect_stats=collect_stats,
-          half_residuals=config.precision.half_residuals),
-      task=task, mesh=mesh, rules=rules)
+      lambda plan, dtype: build(config.model, dataset.num_classes, dtype, plan), make_step,
+      task=task, mesh=mesh, rules=rules,
+      density_at=(functools.partial(compression_lib.density_at, grad_compression)
+                  if grad_compression else None))
   loss_scale = precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
-  log.info("mesh %s", parallel_mesh.describe(mesh))
   with plans.context():
     state = create_train_state(plans.model(), tx, task.example_batch(dataset.splits["train"]),
-                               config.seed, loss_scale, task=task, mesh=mesh, rules=rules)
+                               config.seed, loss_scale, task=task, mesh=mesh, rules=rules,
+                               grad_compression=grad_compression, delayed_update=delayed)
+  if pretrained is not None:
+    state = _load_params(state, pretrained, config.train.init_from)
   train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
                                   seed=config.seed)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -178,15 +194,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer = metrics.MetricWriter(workdir, tensorboard=config.logging.tensorboard,
                                 resume_step=start_step)
 
+  log.info("mesh %s", parallel_mesh.describe(mesh))
   eval_fn = jax.jit(step.make_eval_step(task), out_shardings=sharding.replicated(mesh))
   compile_start = time.perf_counter()
-  memory, collectives = {}, {}
+  memory, collectives, dense_bytes = {}, {}, 0
   if start_step < train_cfg.steps:
-    compiled = plans.compile(state, global_batch(train_iter.batch(start_step)),
-                             jax.device_put(state.rng, sharding.replicated(mesh)))
+    first_batch = global_batch(train_iter.batch(start_step))
+    rng = jax.device_put(state.rng, sharding.replicated(mesh))
+    compiled = plans.compile(state, first_batch, rng)
+    if plans.collects(start_step):  # The controller's statistics variant, too.
+      plans.compile(state, first_batch, rng, collect_stats=True)
     memory = profile.memory_report(compiled, state.params, state.opt_state)
     collectives = profile.collective_bytes(compiled)
+    if grad_compression is not None:
+      # The same step with XLA's dense all-reduce, compiled only to read its traffic.
+      with plans.context():
+        dense = jax.jit(make_step(False, None, None)).lower(state, first_batch, rng).compile()
+      dense_bytes = profile.collective_bytes(dense)["total"]
   compile_time = time.perf_counter() - compile_start
+  analytic_flops = 0.0  # Per device and step: 3x the forward matmul FLOPs.
+  if spec.flops_per_example is not None:
+    example = {key: value[:1] for key, value in dataset.splits["train"].items()}
+    analytic_flops = (3 * spec.flops_per_example(config.model, dataset.num_classes, example)
+                      * train_cfg.batch_size / mesh.size)
+
+  def flops_per_step() -> float:
+    # XLA's count misses matmuls that run as library calls (cuBLAS on GPU): prefer the
+    # analytic count where the model has one (MaxText's MFU definition).
+    return analytic_flops or plans.flops_per_step()
+
   peak_flops, peak_source = profile.device_peak_flops(
       half_precision=jnp.dtype(policy.compute_dtype) != jnp.float32)
 
@@ -199,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       data_start = time.perf_counter()
       batch = global_batch(next(train_iter))
       host_start = time.perf_counter()
-      state, step_metrics = plans.step(state, batch, jax.random.fold_in(state.rng, step_index))
+      state, step_metrics = plans.step(state, batch, jax.random.fold_in(state.rng, step_index),
+                                       step_index)
       done = step_index + 1
       state = plans.after_step(done, state, step_metrics, batch)
       data_time += host_start - data_start
@@ -214,7 +251,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         train_time += elapsed
         record["examples_per_sec"] = window_steps * train_cfg.batch_size / elapsed
         record["steps_per_sec"] = window_steps / elapsed
-        record.update(_throughput(plans.flops_per_step(), elapsed / window_steps, peak_flops,
+        record["comm_bytes"] = plans.comm_bytes()
+        record["comm_bytes_dense"] = dense_bytes or record["comm_bytes"]
+        record.update(_throughput(flops_per_step(), elapsed / window_steps, peak_flops,
                                   data_time / window_steps, host_time / window_steps))
         if done == window_steps + start_step:
           record["compile_time_s"] = compile_time
@@ -237,10 +276,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   summary: dict[str, Any] = {"steps": int(state.step), "compile_time_s": compile_time,
                              "mesh": dict(mesh.shape), "processes": jax.process_count(),
-                             "flops_per_step": plans.flops_per_step(),
+                             "flops_per_step": flops_per_step(),
+                             "flops_per_step_xla": plans.flops_per_step(),
+                             "flops_source": "analytic" if analytic_flops else "xla",
                              "peak_flops": peak_flops, "peak_flops_source": peak_source}
   if memory:
     summary["memory"], summary["collective_bytes"] = memory, collectives
+    summary["comm_bytes"] = plans.comm_bytes() or int(collectives["total"])  # Last step's.
+    summary["comm_bytes_dense"] = int(dense_bytes or summary["comm_bytes"])
   if train_time > 0:
     summary["train_time_s"] = train_time
   for split, prefix in (("val", "eval"), ("test", "test")):
@@ -254,6 +297,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if primary:
     metrics.write_json(workdir / "summary.json", summary)
   return summary
+
+
+def _grad_compression(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> compression_lib.Compression | None:
+  """The configured gradient compression; None for XLA's dense all-reduce."""
+  compressed = compression_lib.parse_compression(config.parallel.grad_compression)
+  if compressed.mode == "none":
+    return None
+  others = {axis: mesh.shape[axis] for axis in ("pipe", "fsdp", "model") if mesh.shape[axis] > 1}
+  if others:
+    raise ConfigError(f"parallel.grad_compression={config.parallel.grad_compression} compresses "
+                      "the data-parallel exchange only, but the mesh also has "
+                      f"{', '.join(f'{k}={v}' for k, v in others.items())}; use a "
+                      "data-only mesh (e.g. --mesh data=-1)")
+  return compressed
+
+
+def _apply_init_from(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+  """Reads `train.init_from`: the checkpoint's model sizes and vocabulary replace the
+  config's (a copy), so the model built is the pretrained one.
+
+  Returns:
+    `(config, pretrained params or None)`.
+  """
+  path = config.train.init_from
+  if not path:
+    return config, None
+  spec = models.get_spec(config.model.name)
+  if spec.load_pretrained is None:
+    loadable = [name for name in models.known_models() if models.get_spec(name).load_pretrained]
+    raise ConfigError(f"--init-from: model {spec.name} has no pretrained format; models that "
+                      f"load one: {', '.join(loadable)}")
+  fields, params, vocab_file = spec.load_pretrained(path)
+  config = config.copy_and_resolve_references()
+  changed = {key: value for key, value in fields.items() if config.model.get(key) != value}
+  if changed:
+    log.info("--init-from %s: model %s", path,
+             ", ".join(f"{key}={value}" for key, value in changed.items()))
+  config.model.update(fields)
+  if not config.data.get("vocab_file") and "vocab_file" in config.data:
+    if vocab_file is None:
+      raise ConfigError(f"--init-from {path}: the folder has no vocab.txt, and the model's "
+                        "token ids mean nothing without it; set --config.data.vocab_file")
+    config.data.vocab_file = vocab_file
+  validate(config)
+  return config, params
+
+
+def _load_params(state: TrainState, params: Any, path: str) -> TrainState:
+  """Puts pretrained params into a fresh state, in the state's shardings."""
+  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), state.params)
+  got = jax.tree.map(lambda x: (tuple(x.shape), str(np.asarray(x).dtype)), params)
+  if want != got:
+    raise CheckpointError(f"--init-from {path}: the checkpoint's parameters do not match the "
+                          "model (different vocabulary or sizes); use the checkpoint's own "
+                          "vocab.txt as data.vocab_file")
+  shardings = jax.tree.map(lambda x: x.sharding, state.params)
+  return state.replace(params=jax.device_put(params, shardings))
 
 
 def _pipelined_builder(spec: models.ModelSpec, config: ml_collections.ConfigDict,

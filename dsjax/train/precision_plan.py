@@ -53,15 +53,18 @@ class PlanRuntime:
   Args:
     precision_config: the `precision` config section.
     build_model: makes the model for a plan and a compute dtype.
-    make_step: `make_step(collect_stats) -> train_step`.
+    make_step: `make_step(collect_stats, density) -> train_step`.
     task: the training task (reads the model's arguments for the error probe).
     mesh: the device mesh; None: a one-device mesh.
     rules: logical -> mesh axis rules.
+    density_at: `step -> density` of compressed gradient exchange during its warm-up (a
+      step is compiled per distinct density); None: no compression warm-up.
   """
 
   def __init__(self, precision_config: ml_collections.ConfigDict, build_model: ModelBuilder,
-               make_step: Callable[[bool], Callable[..., Any]], *, task: Task | None = None,
-               mesh: jax.sharding.Mesh | None = None, rules: Any = ()):
+               make_step: Callable[[bool, float | None], Callable[..., Any]], *,
+               task: Task | None = None, mesh: jax.sharding.Mesh | None = None,
+               rules: Any = (), density_at: Callable[[int], float | None] | None = None):
     self.compute_dtype = precision.get_policy(precision_config.policy).compute_dtype
     self.controller = None
     if controller_enabled(precision_config):
@@ -76,9 +79,14 @@ class PlanRuntime:
     self.task = task or Task("classification")
     self.mesh = mesh or parallel_mesh.make_mesh({}, jax.devices()[:1])
     self.rules = rules
-    self._step_fn = make_step(self.controller is not None)
+    # Two steps per plan: the plain one, and (with the controller) one that also returns
+    # the layers' statistics, run only on check steps so other steps pay nothing for them.
+    self._make_step = make_step
+    self._density_at = density_at or (lambda step: None)
     self._models: dict[PrecisionPlan | None, nn.Module] = {}
-    self._compiled: dict[PrecisionPlan | None, Any] = {}
+    self._compiled: dict[tuple[PrecisionPlan | None, bool, float | None], Any] = {}
+    self._current: Any = None  # The compiled step that ran last.
+    self._comm_bytes: dict[int, int] = {}
     self._probes: dict[PrecisionPlan | None, Any] = {}
     self._matmul_flops: dict[str, float] | None = None
 
@@ -100,31 +108,62 @@ class PlanRuntime:
     """The mesh and logical axis rules, for tracing anything that runs on the mesh."""
     return sharding.context(self.mesh, self.rules)
 
-  def step(self, state: TrainState, batch: dict[str, Any], rng: jax.Array):
-    """Runs the compiled step of the current plan (compiling it on first use)."""
-    rng = jax.device_put(rng, sharding.replicated(self.mesh))
-    return self.compile(state, batch, rng)(state, batch, rng)
+  def collects(self, step_index: int | None) -> bool:
+    """Whether step `step_index` (0-based) returns layer statistics for the controller."""
+    if self.controller is None:
+      return False
+    return (step_index is None or self._matmul_flops is None
+            or (step_index + 1) % self.check_every == 0)
 
-  def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array) -> Any:
+  def step(self, state: TrainState, batch: dict[str, Any], rng: jax.Array,
+           step_index: int | None = None):
+    """Runs the compiled step of the current plan (compiling it on first use).
+
+    Args:
+      state: the train state.
+      batch: the global batch.
+      rng: the step's key.
+      step_index: the 0-based step; the controller's statistics are collected on its check
+        steps only. None: collect whenever a controller runs.
+    """
+    rng = jax.device_put(rng, sharding.replicated(self.mesh))
+    density = self._density_at(step_index or 0)
+    self._current = self.compile(state, batch, rng, collect_stats=self.collects(step_index),
+                                 density=density)
+    return self._current(state, batch, rng)
+
+  def compile(self, state: TrainState, batch: dict[str, Any], rng: jax.Array, *,
+              collect_stats: bool = False, density: float | None = None) -> Any:
     """Compiles the current plan's step ahead of the loop (for a clean compile time).
 
     Returns:
       The compiled step, for cost and memory analysis.
     """
-    if self.plan not in self._compiled:
+    key = (self.plan, collect_stats, density)
+    if key not in self._compiled:
       replicated = sharding.replicated(self.mesh)
       state_shardings = jax.tree.map(lambda x: getattr(x, "sharding", replicated), state)
       batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch)
-      jitted = jax.jit(self._step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
+      jitted = jax.jit(self._make_step(collect_stats, density),
+                       in_shardings=(state_shardings, batch_shardings, replicated),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
       with self.context():
-        self._compiled[self.plan] = jitted.lower(state, batch, rng).compile()
-    return self._compiled[self.plan]
+        self._compiled[key] = jitted.lower(state, batch, rng).compile()
+    return self._compiled[key]
 
   def flops_per_step(self) -> float:
     """XLA's FLOPs of the current plan's compiled step (0 before it is compiled)."""
-    compiled = self._compiled.get(self.plan)
+    compiled = self._current or next(iter(self._compiled.values()), None)
     return profile.compiled_flops(compiled) if compiled is not None else 0.0
+
+  def comm_bytes(self) -> int:
+    """Bytes the collectives of the step that ran last move (from its compiled HLO)."""
+    if self._current is None:
+      return 0
+    if id(self._current) not in self._comm_bytes:
+      self._comm_bytes[id(self._current)] = int(
+          profile.collective_bytes(self._current)["total"])
+    return self._comm_bytes[id(self._current)]
 
   def after_step(self, step: int, state: TrainState, metrics: dict[str, Any],
                  batch: dict[str, Any]) -> TrainState:

@@ -13,6 +13,7 @@ import optax
 from flax import struct
 
 from dsjax import precision
+from dsjax.parallel import compression as compression_lib
 from dsjax.parallel import sharding
 from dsjax.train.tasks import Task
 
@@ -29,6 +30,10 @@ class TrainState:
     rng: root PRNG key (raw uint32); step `s` uses `fold_in(rng, s)`, so a resumed run
       draws the same randomness as an uninterrupted one.
     loss_scale: a `precision.DynamicLossScale` (float16 compute) or `NoOpLossScale`.
+    grad_sync: per-replica state of compressed gradient exchange (error-feedback
+      residuals; `dsjax.parallel.compression`), leading axis on `data`; None when dense.
+    pending_grads: delayed update: the exchanged gradient the next step applies; None
+      when updates are synchronous.
     apply_fn: the model's apply function (static).
     tx: the optimizer (static).
   """
@@ -39,6 +44,8 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array
   loss_scale: precision.LossScale
+  grad_sync: Any
+  pending_grads: Any
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
@@ -55,7 +62,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        inputs: tuple[int, ...] | Mapping[str, Any], seed: int,
                        loss_scale: precision.LossScale | None = None, *,
                        task: Task | None = None, mesh: jax.sharding.Mesh | None = None,
-                       rules: Any = ()) -> TrainState:
+                       rules: Any = (),
+                       grad_compression: compression_lib.Compression | None = None,
+                       delayed_update: bool = False) -> TrainState:
   """Initialises a fresh train state, born sharded when a mesh is given.
 
   Args:
@@ -69,6 +78,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     mesh: the device mesh; params and optimizer state are created directly in the
       shardings the logical axis `rules` give them (never whole on one device).
     rules: logical -> mesh axis rules (`dsjax.parallel.sharding.parse_rules`).
+    grad_compression: set up the per-replica error-feedback state of compressed gradient
+      exchange (one slice per `data` replica of the mesh).
+    delayed_update: set up the in-flight gradient of delayed updates (zeros).
 
   Returns:
     A TrainState at step 0 with float32 params.
@@ -84,11 +96,19 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     variables = dict(model.init({"params": init_rng, "dropout": init_rng}, *args, train=False,
                                 **kwargs))
     params = variables.pop("params")
+    grad_sync = pending = None
+    if grad_compression is not None:
+      replicas = mesh.shape["data"] if mesh is not None else 1
+      grad_sync = jax.tree.map(
+          lambda x: nn.LogicallyPartitioned(x, ("replica",) + (None,) * (x.ndim - 1)),
+          compression_lib.init_state(nn.meta.unbox(params), grad_compression, replicas))
+    if delayed_update:
+      pending = jax.tree.map(jnp.zeros_like, params)  # Keeps the params' logical axes.
     # The optimizer state mirrors the (boxed) params, so it inherits their logical axes.
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                        opt_state=tx.init(params), rng=train_rng,
                        loss_scale=loss_scale or precision.NoOpLossScale(),
-                       apply_fn=model.apply, tx=tx)
+                       grad_sync=grad_sync, pending_grads=pending, apply_fn=model.apply, tx=tx)
     # Logical-axis boxes serve only to derive shardings; the state holds plain arrays.
     return nn.meta.unbox(state) if unbox else state
 

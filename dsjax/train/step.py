@@ -18,6 +18,7 @@ import optax
 
 from dsjax import precision
 from dsjax.nn import STATS, save_half_residuals
+from dsjax.parallel import compression as compression_lib
 from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
 from dsjax.train.tasks import Task
@@ -65,9 +66,18 @@ def _split_micro_batches(batch: Batch, count: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
+def _varying(tree: Any, axis_name: str) -> Any:
+  """Marks replicated values as varying over a manual mesh axis (`lax.pcast`/`pvary`)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), tree)
+  return jax.tree.map(lambda x: jax.lax.pvary(x, axis_name), tree)
+
+
 def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
-                    collect_stats: bool = False,
-                    half_residuals: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
+                    collect_stats: bool = False, half_residuals: bool = False,
+                    grad_compression: compression_lib.Compression | None = None,
+                    density: float | None = None,
+                    delayed_update: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds the training step.
 
   Args:
@@ -79,6 +89,14 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
     half_residuals: rematerialise the forward pass so that only half-precision values
       are kept for the backward pass (`dsjax.nn.save_half_residuals`); float32 values
       are recomputed. Gradients for the float32 master weights are unchanged.
+    grad_compression: exchange data-parallel gradients compressed, with error feedback
+      (`dsjax.parallel.compression`): each replica of the `data` mesh axis computes its
+      local gradient inside `jax.shard_map` and sends only what the mode selects; the
+      state's `grad_sync` holds the per-replica residuals. None: XLA's dense all-reduce.
+    density: the topk density / threshold capacity of this compiled step (warm-up).
+    delayed_update: apply the previous step's (already exchanged) gradient while this
+      step's is computed and exchanged; the state's `pending_grads` holds it. Step 0
+      applies nothing.
 
   Returns:
     `train_step(state, batch, rng) -> (state, metrics)`, to be jitted with the state
@@ -105,7 +123,8 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
         loss_fn, has_aux=True)(state.params)
     return grads, loss, accuracy, model_state, stats
 
-  def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+  def gradients(state: TrainState, batch: Batch, rng: jax.Array):
+    """Mean gradient (still loss-scaled), loss, accuracy, model state and stats of a batch."""
     if grad_accum_steps == 1:
       grads, loss, accuracy, model_state, stats = micro_step(state, state.model_state, batch,
                                                               rng)
@@ -128,16 +147,60 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
       # Equal-sized micro-batches: the mean of K means is the mean of the whole batch.
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
       loss, accuracy = loss_sum / grad_accum_steps, accuracy_sum / grad_accum_steps
+    return grads, loss, accuracy, model_state, stats
 
-    grads = state.loss_scale.unscale(grads)
+  def compressed_gradients(state: TrainState, batch: Batch, rng: jax.Array):
+    """`gradients` per data-parallel replica, exchanged with `grad_compression`."""
+    replicated, per_replica = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("data")
+
+    def local(params, model_state, loss_scale, grad_sync, batch, rng):
+      # Differentiate w.r.t. this replica's own copy: the gradient of a value shard_map
+      # holds invariant across `data` would be summed over replicas (a dense all-reduce).
+      params = _varying(params, "data")
+      replica = state.replace(params=params, model_state=model_state, loss_scale=loss_scale)
+      with nn.logical_axis_rules(()):  # Inside the manual `data` axis: no constraints.
+        grads, loss, accuracy, model_state, stats = gradients(
+            replica, batch, jax.random.fold_in(rng, jax.lax.axis_index("data")))
+      grads = loss_scale.unscale(grads)
+      grads, grad_sync, sync_stats = compression_lib.exchange(
+          grads, grad_sync, grad_compression, axis_name="data", step=state.step,
+          density=density)
+      mean = functools.partial(jax.lax.pmean, axis_name="data")
+      model_state = jax.tree.map(mean, model_state)
+      stats = jax.tree.map(functools.partial(jax.lax.pmax, axis_name="data"), stats)
+      return grads, mean(loss), mean(accuracy), model_state, stats, grad_sync, sync_stats
+
+    return jax.shard_map(
+        local, in_specs=(replicated, replicated, replicated, per_replica, per_replica,
+                         replicated),
+        out_specs=(replicated,) * 5 + (per_replica, replicated), axis_names={"data"},
+    )(state.params, state.model_state, state.loss_scale, state.grad_sync, batch, rng)
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    grad_sync, sync_metrics = state.grad_sync, {}
+    if grad_compression is None:
+      grads, loss, accuracy, model_state, stats = gradients(state, batch, rng)
+      grads = state.loss_scale.unscale(grads)
+    else:
+      grads, loss, accuracy, model_state, stats, grad_sync, sync = compressed_gradients(
+          state, batch, rng)
+      sync_metrics = {"grad_sent_fraction": sync["sent"] / sync["total"],
+                      "grad_overflow": sync["overflow"]}
     finite = precision.all_finite(grads)
+    pending = state.pending_grads
+    if delayed_update:
+      # Apply last step's gradient; this step's waits in the state for the next step.
+      grads, pending = pending, jax.tree.map(
+          lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+      finite = finite & (state.step > 0)
     updated, updates = state.apply_gradients(grads, model_state)
     # A step with any inf/NaN gradient changes nothing but the step and the loss scale.
     params, opt_state, model_state = precision.select_tree(
         finite, (updated.params, updated.opt_state, updated.model_state),
         (state.params, state.opt_state, state.model_state))
     new_state = updated.replace(params=params, opt_state=opt_state, model_state=model_state,
-                                loss_scale=state.loss_scale.adjust(finite))
+                                loss_scale=state.loss_scale.adjust(finite),
+                                grad_sync=grad_sync, pending_grads=pending)
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
@@ -147,6 +210,7 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
         "update_norm": optax.tree.norm(updates),
         "loss_scale": new_state.loss_scale.loss_scale,
         "skipped_steps": new_state.loss_scale.skipped_steps,
+        **sync_metrics,
     }
     if collect_stats:
       metrics["precision_stats"] = stats

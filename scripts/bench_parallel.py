@@ -1,0 +1,108 @@
+"""Step time, throughput and collective bytes per device mesh, and the pipeline bubble.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py \\
+      --model bert-tiny --meshes data=8 data=2,model=4 fsdp=8 data=2,model=2,pipe=2 \\
+      --out runs/bench/parallel.json
+
+Each mesh is a short `train_and_evaluate` run in a fresh workdir: median step time and
+examples/s over the logged steps after the first, and the bytes each collective kind
+moves per step, read from the compiled step's HLO.
+
+Pipeline bubble, measured: a GPipe step over P stages and M micro-batches runs M + P - 1
+schedule iterations of equal cost c, so t(M) = c (M + P - 1) + t0. Timing two micro-batch
+counts gives c, and the measured bubble is (P - 1) c / t(M), set against the theoretical
+(P - 1) / (M + P - 1). On simulated CPU devices the stages share the same cores, which is
+why the fit, not the raw step time, is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+from dsjax import config as config_lib  # noqa: E402
+from dsjax.parallel import mesh as mesh_lib  # noqa: E402
+from dsjax.parallel import pipeline  # noqa: E402
+from dsjax.train import train_and_evaluate  # noqa: E402
+
+
+def run_mesh(args: argparse.Namespace, mesh: str, microbatches: int = 0) -> dict:
+  """One short run on `mesh` (`"data=2,model=4"`; `num_devices=N` takes the first N)."""
+  mesh, _, devices = mesh.partition(",num_devices=")
+  config = config_lib.with_model_defaults(config_lib.base_config(), args.model)
+  if config.data.name == "text":
+    config.data.seq_len, config.data.vocab_size = args.seq_len, 2048
+  config.model.update({k: v for k, v in (("num_layers", args.layers),) if k in config.model})
+  config.train.batch_size, config.train.steps = args.batch_size, args.steps
+  config.train.log_every_steps = 1
+  config.train.eval_every_steps = config.checkpoint.every_steps = 10**6
+  config.parallel.microbatches = microbatches
+  config.logging.progress_bar = config.logging.tensorboard = False
+  for axis, size in mesh_lib.parse_mesh(mesh).items():
+    config.mesh[axis] = size
+  config.mesh.num_devices = int(devices or 0)
+  with tempfile.TemporaryDirectory() as workdir:
+    config.data.cache_dir = args.cache_dir or workdir
+    summary = train_and_evaluate(config, workdir)
+    records = [json.loads(line) for line in
+               (Path(workdir) / "metrics.jsonl").read_text().splitlines()][1:]
+  median = lambda key: statistics.median(r[key] for r in records)  # noqa: E731
+  return {"mesh": summary["mesh"], "microbatches": microbatches,
+          "step_ms": median("step_ms"), "examples_per_sec": median("examples_per_sec"),
+          "collective_bytes": summary.get("collective_bytes", {}),
+          "peak_bytes_per_device": summary.get("memory", {}).get("peak_bytes"),
+          "params_bytes_per_device": summary.get("memory", {}).get("params_bytes"),
+          "final_loss": records[-1]["loss"]}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="bert-tiny")
+  parser.add_argument("--meshes", nargs="+",
+                      default=["data=1,num_devices=1", "data=8", "data=2,model=4", "fsdp=8",
+                               "data=2,fsdp=2,model=2", "data=2,model=2,pipe=2"])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--seq-len", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--pipe", type=int, default=4, help="stages of the bubble measurement")
+  parser.add_argument("--cache-dir", default="")
+  parser.add_argument("--out", default="runs/bench/parallel.json")
+  args = parser.parse_args()
+
+  rows = []
+  print(f"{'mesh':<34} {'step ms':>8} {'ex/s':>8} {'param B/dev':>11}  collective bytes/step")
+  for mesh in args.meshes:
+    row = run_mesh(args, mesh)
+    rows.append(row)
+    kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(row["collective_bytes"].items()) if v)
+    print(f"{mesh:<34} {row['step_ms']:8.1f} {row['examples_per_sec']:8.1f} "
+          f"{row['params_bytes_per_device'] or 0:11,}  {kinds or '-'}")
+
+  stages = args.pipe
+  counts = (stages, 4 * stages)
+  timed = [run_mesh(args, f"pipe={stages}", m) for m in counts]
+  cost = (timed[1]["step_ms"] - timed[0]["step_ms"]) / (counts[1] - counts[0])
+  bubble = []
+  for m, row in zip(counts, timed, strict=True):
+    measured = (stages - 1) * cost / row["step_ms"] if row["step_ms"] else 0.0
+    bubble.append({"stages": stages, "microbatches": m, "step_ms": row["step_ms"],
+                   "iteration_ms": cost, "measured": measured,
+                   "theory": pipeline.bubble_fraction(stages, m)})
+    print(f"pipeline P={stages} M={m:<3} step {row['step_ms']:.1f} ms, iteration {cost:.2f} ms: "
+          f"bubble measured {measured:.3f}, theory {bubble[-1]['theory']:.3f}")
+  benchlib.save_result(args.out, "parallel", {"config": vars(args), "meshes": rows,
+                                              "bubble": bubble})
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,81 @@
+"""Compressed data-parallel gradient exchange and delayed updates, inside the trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsjax import config as config_lib
+from dsjax.errors import ConfigError
+from dsjax.train import train_and_evaluate
+
+
+def _config(compression: str = "none", delayed: int = 0, steps: int = 200,
+            optimizer: str = "momentum", learning_rate: float = 0.05):
+  config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
+  config.model.features, config.model.dense_features = (16,), 64
+  config.mesh.num_devices, config.mesh.data = 4, -1
+  config.optimizer.name, config.optimizer.learning_rate = optimizer, learning_rate
+  config.optimizer.schedule = "constant"
+  config.train.steps, config.train.batch_size = steps, 64
+  config.train.eval_every_steps = config.checkpoint.every_steps = steps
+  config.train.log_every_steps = max(steps // 4, 1)
+  config.parallel.grad_compression = compression
+  config.parallel.delayed_update = delayed
+  config.logging.tensorboard = config.logging.progress_bar = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Digits, 4 data-parallel replicas, 200 steps: dense, top-1% with and without error
+  feedback (momentum SGD); synchronous and delayed updates (plain SGD: a one-step delay
+  already acts as extra momentum, Mitliagkas et al. 2016, so delayed runs drop it)."""
+  settings = {"dense": ("none",), "topk": ("topk:0.01",),
+              "topk_no_ef": ("topk:0.01,error_feedback=0",),
+              "sync_sgd": ("none", 0, 200, "sgd", 0.2), "delayed_sgd": ("none", 1, 200, "sgd", 0.2)}
+  return {name: train_and_evaluate(_config(*setting), tmp_path_factory.mktemp(name))
+          for name, setting in settings.items()}
+
+
+def test_topk_with_error_feedback_matches_dense_accuracy(runs):
+  dense, topk, no_ef = (runs[k]["test_accuracy"] for k in ("dense", "topk", "topk_no_ef"))
+  print(f"test accuracy: dense {dense:.4f}, topk:0.01 {topk:.4f}, without EF {no_ef:.4f}")
+  assert topk >= dense - 0.01  # The issue's bar: within 1 point of uncompressed.
+  assert no_ef < topk - 0.02  # Dropping the unsent 99% loses measurably.
+
+
+def test_compressed_traffic_is_read_from_the_compiled_step(tmp_path):
+  """The default digits CNN (99k weights, 0.6% of them in leaves small enough to go dense):
+  at topk:0.01 each replica puts in 1% (value, index) pairs, at most 1/20 of the dense
+  all-reduce's bytes, as read from the two compiled steps."""
+  config = _config("topk:0.01", steps=1)
+  config.model = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits").model
+  summary = train_and_evaluate(config, tmp_path)
+  print(f"comm bytes per step: {summary['comm_bytes']:,} compressed, "
+        f"{summary['comm_bytes_dense']:,} dense")
+  assert 0 < summary["comm_bytes"] <= summary["comm_bytes_dense"] / 20
+  assert summary["collective_bytes"]["all-gather"] > 0
+
+
+def test_delayed_update_trains_close_to_synchronous(runs):
+  assert runs["delayed_sgd"]["test_accuracy"] >= runs["sync_sgd"]["test_accuracy"] - 0.02
+
+
+def test_full_density_topk_is_the_dense_exchange(tmp_path):
+  dense = train_and_evaluate(_config("none", steps=4), tmp_path / "dense")
+  full = train_and_evaluate(_config("topk:1.0", steps=4), tmp_path / "full")
+  np.testing.assert_allclose(full["test_loss"], dense["test_loss"], rtol=1e-5)
+
+
+def test_compression_needs_a_data_only_mesh(tmp_path):
+  config = _config("topk:0.01", steps=2)
+  config.mesh.data, config.mesh.model = 2, 2
+  with pytest.raises(ConfigError, match="data-parallel exchange only, but the mesh also has "
+                                        "model=2"):
+    train_and_evaluate(config, tmp_path)
+
+
+def test_bad_compression_spec_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match="parallel.grad_compression"):
+    train_and_evaluate(_config("topk:2"), tmp_path)
