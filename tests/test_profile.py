@@ -127,3 +127,23 @@ def test_report_of_a_healthy_run_has_no_data_finding():
   result = report.analyse(records, {})
   assert result["findings"] == []
   assert result["breakdown"]["device"] == pytest.approx(0.89)
+
+
+def test_transformer_flops_cross_check_and_the_scan_blind_spot():
+  """XLA's count of a 1-layer BERT forward is the analytic matmul count plus elementwise
+  work (softmax, GELU, LayerNorm: under 10% at this width). A scanned layer stack is
+  counted once whatever its length, which is why MFU uses the analytic count."""
+  from dsjax.models import bert
+
+  def xla_flops(layers):
+    model = bert.Bert(vocab_size=4096, hidden=64, num_layers=layers, num_heads=4, mlp_dim=256,
+                      max_position=32, dropout_rate=0.0)
+    ids = jnp.ones((8, 32), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    return profile.compiled_flops(jax.jit(model.apply).lower(params, ids).compile())
+
+  analytic = 8 * 32 * profile.transformer_flops_per_token(
+      num_layers=1, hidden=64, mlp_dim=256, seq_len=32, vocab_size=4096)
+  one = xla_flops(1)
+  assert analytic <= one <= 1.1 * analytic
+  assert xla_flops(3) == pytest.approx(one, rel=0.01)  # The while loop body, once.
