@@ -49,6 +49,9 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
   Returns:
     `{'loss': ..., 'accuracy': ...}` (plus `'auc'` when the task scores examples).
   """
+  # A split smaller than a batch is not padded up to a whole one (a 40-sequence split
+  # would otherwise cost a 256-sequence forward pass).
+  batch_size = min(batch_size, _num_examples(arrays))
   if mesh is not None:
     ways = parallel_mesh.batch_divisor(mesh)
     batch_size = -(-batch_size // ways) * ways
