@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dsjax import config as config_lib
@@ -10,7 +11,8 @@ from dsjax import models
 from dsjax.nas.run import search_architecture
 from dsjax.train import train_and_evaluate
 
-CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("[!_]*.py"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIGS.glob("[!_]*.py"))
 
 
 def load(path: Path, arg: str | None = None):
@@ -44,3 +46,20 @@ def test_tiny_variant_runs(path, tmp_path, make_cifar10):
   summary = train_and_evaluate(config, tmp_path / "run")
   assert summary["steps"] == config.train.steps
   assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet", "ctr_wide_deep"])
+def test_application_models_train_mixed_on_eight_devices(name, tmp_path, make_cifar10):
+  """ResNet and wide-deep under `--precision mixed` (half compute, loss scaling, adaptive
+  plan) on the default all-devices mesh: 8-way data parallel, with ResNet's batch
+  statistics over the global batch. (BERT: tests/test_parallel.py, bert_base:tiny.)"""
+  config = load(CONFIGS / f"{name}.py", "tiny")
+  config.mesh.num_devices = 0  # All 8 simulated devices.
+  config.precision.policy = "mixed"
+  if config.data.name == "cifar10":
+    make_cifar10(tmp_path / "data", rows_per_file=16)
+    config.data.data_dir = str(tmp_path / "data")
+  config.logging.progress_bar = False
+  summary = train_and_evaluate(config, tmp_path / "run")
+  assert summary["mesh"]["data"] == 8 and summary["steps"] == config.train.steps
+  assert np.isfinite(summary["test_loss"])
