@@ -79,3 +79,15 @@ def test_compression_needs_a_data_only_mesh(tmp_path):
 def test_bad_compression_spec_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match="parallel.grad_compression"):
     train_and_evaluate(_config("topk:2"), tmp_path)
+
+
+def test_density_warm_up_sends_less_each_stage(tmp_path):
+  """DGC warm-up over 4 steps: 25%, 6.25%, 1.6%, then the 1% target (one compiled step per
+  density), read from the per-step metrics."""
+  import json
+
+  train_and_evaluate(_config("topk:0.01,min_size=100,warmup_steps=4", steps=5), tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  sent = [record["grad_sent_fraction"] for record in records]
+  assert len(sent) == 5 and all(a > b for a, b in zip(sent[:4], sent[1:4], strict=False))
+  assert sent[0] > 0.2 and sent[-1] < 0.02

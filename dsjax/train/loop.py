@@ -204,9 +204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if start_step < train_cfg.steps:
     first_batch = global_batch(train_iter.batch(start_step))
     rng = jax.device_put(state.rng, sharding.replicated(mesh))
-    compiled = plans.compile(state, first_batch, rng)
+    density = plans.density(start_step)
+    compiled = plans.compile(state, first_batch, rng, density=density)
     if plans.collects(start_step):  # The controller's statistics variant, too.
-      plans.compile(state, first_batch, rng, collect_stats=True)
+      plans.compile(state, first_batch, rng, collect_stats=True, density=density)
     memory = profile.memory_report(compiled, state.params, state.opt_state)
     collectives = profile.collective_bytes(compiled)
     if grad_compression is not None:

@@ -108,6 +108,10 @@ class PlanRuntime:
     """The mesh and logical axis rules, for tracing anything that runs on the mesh."""
     return sharding.context(self.mesh, self.rules)
 
+  def density(self, step_index: int) -> float | None:
+    """The compressed-exchange density of step `step_index` (None: no warm-up schedule)."""
+    return self._density_at(step_index)
+
   def collects(self, step_index: int | None) -> bool:
     """Whether step `step_index` (0-based) returns layer statistics for the controller."""
     if self.controller is None:
@@ -127,7 +131,7 @@ class PlanRuntime:
         steps only. None: collect whenever a controller runs.
     """
     rng = jax.device_put(rng, sharding.replicated(self.mesh))
-    density = self._density_at(step_index or 0)
+    density = self.density(step_index or 0)
     self._current = self.compile(state, batch, rng, collect_stats=self.collects(step_index),
                                  density=density)
     return self._current(state, batch, rng)
