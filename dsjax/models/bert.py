@@ -23,7 +23,7 @@ import pallas_kernels
 from dsjax import nn as dsnn
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.models import registry
-from dsjax.nn.layers import _sow_stats  # The stats contract of every dsjax.nn layer.
+from dsjax.nn.layers import sow_stats
 from dsjax.parallel import pipeline
 from dsjax.profile import flops as profile_flops
 
@@ -75,7 +75,7 @@ class MergeHeadsDense(nn.Module):
       y = jax.lax.dot_general(flat, flat_kernel, (((flat.ndim - 1,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
       y = (y + bias.astype(jnp.float32)).astype(dtype)
-    _sow_stats(self, y, 2.0 * (flat.size // flat.shape[-1]) * kernel.size, [inputs])
+    sow_stats(self, y, 2.0 * (flat.size // flat.shape[-1]) * kernel.size, [inputs])
     return y
 
 
@@ -117,7 +117,7 @@ class BertSelfAttention(nn.Module):
     query = query * jnp.asarray(self.head_dim**-0.5, query.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype),
                         preferred_element_type=jnp.float32).astype(dtype)
-    _sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [query, key])
+    sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [query, key])
     weights = jax.nn.softmax(logits.astype(jnp.float32) + attention_bias, axis=-1).astype(dtype)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
     context = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype),

@@ -8,6 +8,7 @@ from dsjax.nn.layers import (
     Embed,
     LayerNorm,
     MultiHeadAttention,
+    sow_stats,
 )
 from dsjax.nn.norm import BATCH_STATS, BatchNorm
 from dsjax.nn.plan import CHOICES, FP32, HALF, PrecisionPlan, layer_dtype, module_path
@@ -32,4 +33,5 @@ __all__ = [
     "module_path",
     "remat",
     "save_half_residuals",
+    "sow_stats",
 ]

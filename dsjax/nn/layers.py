@@ -30,7 +30,7 @@ STATS = "precision_stats"
 MATMUL_IMPLS = ("xla", "pallas")
 
 
-def _sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
+def sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
                inputs: Sequence[jax.Array] = ()) -> None:
   # Skipped during init so `init` returns only parameters, not a stats collection the
   # training state would then carry around.
@@ -114,7 +114,7 @@ class Dense(nn.Module):
       if bias is not None:
         y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y, 2.0 * (inputs.size // inputs.shape[-1]) * kernel.size, [inputs])
+    sow_stats(self, y, 2.0 * (inputs.size // inputs.shape[-1]) * kernel.size, [inputs])
     return y
 
 
@@ -166,7 +166,7 @@ class Conv(nn.Module):
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y, 2.0 * (y.size // self.features) * kernel.size, [inputs])
+    sow_stats(self, y, 2.0 * (y.size // self.features) * kernel.size, [inputs])
     return y
 
 
@@ -200,7 +200,7 @@ class Embed(nn.Module):
     """Looks up integer `ids` [...]; returns [..., features] in the layer dtype."""
     dtype = layer_dtype(self, self.compute_dtype, self.plan)
     out = jnp.take(self.embedding, ids, axis=0).astype(dtype)
-    _sow_stats(self, out)
+    sow_stats(self, out)
     return out
 
   def attend(self, query: jax.Array) -> jax.Array:
@@ -216,7 +216,7 @@ class Embed(nn.Module):
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     out = jax.lax.dot_general(query.astype(dtype), self.embedding.astype(dtype), dims,
                               preferred_element_type=jnp.float32).astype(dtype)
-    _sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size, [query])
+    sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size, [query])
     return out
 
 
@@ -259,7 +259,7 @@ class LayerNorm(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros_init(), features,
                          self.param_dtype).astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y, inputs=[inputs])
+    sow_stats(self, y, inputs=[inputs])
     return y
 
 
@@ -321,7 +321,7 @@ class MultiHeadAttention(nn.Module):
                         preferred_element_type=jnp.float32).astype(dtype)
     # This layer's plan entry governs the logits: their range is what overflows in fp16.
     # FLOPs: the logits and the weighted sum of values, 2 * b*h*q*k*d each.
-    _sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [q, k])
+    sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [q, k])
     logits = logits.astype(jnp.float32)
     if mask is not None:
       if mask.dtype == jnp.bool_:

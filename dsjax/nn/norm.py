@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.nn.layers import _sow_stats
+from dsjax.nn.layers import sow_stats
 from dsjax.nn.plan import PrecisionPlan, layer_dtype
 
 BATCH_STATS = "batch_stats"
@@ -116,5 +116,5 @@ class BatchNorm(nn.Module):
     if self.use_bias:
       y = y + self._param("bias", nn.initializers.zeros_init(), features).astype(jnp.float32)
     y = y.astype(dtype)
-    _sow_stats(self, y, inputs=[inputs])
+    sow_stats(self, y, inputs=[inputs])
     return y
