@@ -229,6 +229,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   peak_flops, peak_source = profile.device_peak_flops(
       half_precision=jnp.dtype(policy.compute_dtype) != jnp.float32)
+  if memory:
+    mib = 2.0**20
+    log.info("per device on mesh %s: params %.1f MiB, optimizer %.1f MiB, activations and "
+             "temporaries %.1f MiB, peak %.1f MiB; %.3g FLOPs per step (%s), compiled in %.1f s",
+             parallel_mesh.describe(mesh), memory["params_bytes"] / mib,
+             memory["opt_state_bytes"] / mib, memory["temp_bytes"] / mib,
+             memory["peak_bytes"] / mib, flops_per_step(),
+             "analytic" if analytic_flops else "XLA", compile_time)
 
   progress = tqdm.tqdm(total=train_cfg.steps, initial=start_step, unit="step",
                        disable=None if config.logging.progress_bar and primary else True)
