@@ -363,4 +363,6 @@ def make_tiny(config: ml_collections.ConfigDict, batch_size: int) -> ml_collecti
   config.train.log_every_steps = 1
   config.checkpoint.every_steps = 1
   config.optimizer.warmup_steps = 0
+  # Every step is a controller check: one compiled step (with statistics), not two.
+  config.precision.controller.check_every_steps = 1
   return config
