@@ -147,3 +147,23 @@ def test_transformer_flops_cross_check_and_the_scan_blind_spot():
   one = xla_flops(1)
   assert analytic <= one <= 1.1 * analytic
   assert xla_flops(3) == pytest.approx(one, rel=0.01)  # The while loop body, once.
+
+
+def test_communication_share_from_a_trace(tmp_path):
+  """A data-parallel step traced on 8 devices: the all-reduce shows up as a share of the
+  XLA instruction time, in (0, 1)."""
+  from dsjax.profile import trace
+
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  params = _mlp_params()
+  step = jax.jit(jax.grad(_loss), in_shardings=(replicated, sharded), out_shardings=replicated)
+  x = jnp.ones((64, WIDTHS[0]))
+  jax.block_until_ready(step(params, x))
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      jax.block_until_ready(step(params, x))
+  result = trace.communication_share(tmp_path)
+  assert 0 < result["share"] < 1
+  assert result["by_kind"]["all-reduce"] == result["collective_s"] > 0
+  assert trace.communication_share(tmp_path / "empty") == {}

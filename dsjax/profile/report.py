@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from dsjax.profile import trace as trace_lib
 from dsjax.train import train_and_evaluate
 from dsjax.train.metrics import write_json
 
@@ -29,13 +30,16 @@ def _median(records: list[dict[str, Any]], key: str) -> float:
   return statistics.median(values) if values else 0.0
 
 
-def analyse(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+def analyse(records: list[dict[str, Any]], summary: dict[str, Any],
+            communication: dict[str, Any] | None = None) -> dict[str, Any]:
   """Ranks the bottlenecks of a run.
 
   Args:
     records: metrics.jsonl records (the first, which includes warm-up, is dropped if
       there are others).
     summary: the run's summary.json.
+    communication: `trace.communication_share` of a trace of the run, if one was taken:
+      then collectives rank by their measured share of device time.
 
   Returns:
     `{"step_ms", "breakdown": {...shares}, "mfu", "collective_bytes", "memory",
@@ -59,9 +63,12 @@ def analyse(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str,
   total_collective = collectives.get("total", 0.0)
   if total_collective > 0:
     kind = max((k for k in collectives if k != "total"), key=lambda k: collectives[k])
-    findings.append({"kind": "communication", "share": None, "message": (
-        f"{kind} moves {collectives[kind] / 1e6:.1f} MB per step: fewer, larger steps "
-        "(--gradient-accumulation), gradient compression or compute/communication overlap")})
+    measured = (communication or {}).get("share")
+    findings.append({"kind": "communication", "share": measured, "message": (
+        f"{kind} moves {collectives[kind] / 1e6:.1f} MB per step"
+        + (f" ({measured:.0%} of device time)" if measured is not None else "")
+        + ": fewer, larger steps (--gradient-accumulation), --grad-compression topk:0.01 "
+        "or compute/communication overlap")})
   skipped = max((r.get("skipped_steps") or 0 for r in records), default=0)
   if skipped:
     findings.append({"kind": "loss_scale", "share": skipped / max(len(records), 1), "message": (
@@ -76,7 +83,7 @@ def analyse(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str,
           "tflops_per_device": _median(steady, "tflops_per_device"),
           "flops_per_step": summary.get("flops_per_step", 0.0),
           "collective_bytes": collectives, "memory": summary.get("memory", {}),
-          "findings": findings}
+          "communication": communication or {}, "findings": findings}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -97,6 +104,10 @@ def format_report(report: dict[str, Any]) -> str:
   moved = {k: v for k, v in report["collective_bytes"].items() if k != "total" and v}
   lines.append("collectives      " + (", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in moved.items())
                                       or "none"))
+  communication = report.get("communication") or {}
+  if communication:
+    lines.append(f"communication    {100 * communication['share']:.1f}% of XLA instruction "
+                 "time in collectives (from the trace)")
   if report["findings"]:
     lines.append(f"top bottleneck   {report['findings'][0]['message']}")
     lines += [f"  also: {f['message']}" for f in report["findings"][1:]]
@@ -128,6 +139,7 @@ def run_profile(config: ml_collections.ConfigDict, workdir: str | Path, *, steps
   with tracing:
     summary = train_and_evaluate(config, workdir)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  report = analyse(records, summary)
+  communication = trace_lib.communication_share(workdir / "trace") if trace else None
+  report = analyse(records, summary, communication)
   write_json(workdir / "profile.json", report)
   return report
