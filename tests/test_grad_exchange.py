@@ -29,11 +29,11 @@ def _config(compression: str = "none", delayed: int = 0, steps: int = 200,
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Digits, 4 data-parallel replicas, 200 steps: dense, top-1% with and without error
-  feedback (momentum SGD); synchronous and delayed updates (plain SGD: a one-step delay
-  already acts as extra momentum, Mitliagkas et al. 2016, so delayed runs drop it)."""
+  feedback (momentum SGD), and delayed updates (plain SGD: a one-step delay already acts
+  as extra momentum, Mitliagkas et al. 2016, so the delayed run drops it)."""
   settings = {"dense": ("none",), "topk": ("topk:0.01",),
               "topk_no_ef": ("topk:0.01,error_feedback=0",),
-              "sync_sgd": ("none", 0, 200, "sgd", 0.2), "delayed_sgd": ("none", 1, 200, "sgd", 0.2)}
+              "delayed_sgd": ("none", 1, 200, "sgd", 0.2)}
   return {name: train_and_evaluate(_config(*setting), tmp_path_factory.mktemp(name))
           for name, setting in settings.items()}
 
@@ -59,7 +59,8 @@ def test_compressed_traffic_is_read_from_the_compiled_step(tmp_path):
 
 
 def test_delayed_update_trains_close_to_synchronous(runs):
-  assert runs["delayed_sgd"]["test_accuracy"] >= runs["sync_sgd"]["test_accuracy"] - 0.02
+  # Synchronous plain SGD at this rate reaches 0.939 (measured), momentum SGD 0.967.
+  assert runs["delayed_sgd"]["test_accuracy"] >= runs["dense"]["test_accuracy"] - 0.02
 
 
 def test_full_density_topk_is_the_dense_exchange(tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/digits_cnn.py:tiny", "--steps", "3", "--batch-size", "32",
-        "--config.optimizer.name=sgd", "--config.logging.tensorboard=False"]
+        "--config.optimizer.name=sgd", "--config.logging.tensorboard=False",
+        "--config.train.eval_every_steps=3", "--config.checkpoint.every_steps=3"]
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -72,3 +73,4 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resuming from step 3" in resumed.stderr
   assert sorted(_losses(workdir)) == [1, 2, 3, 4]
+  assert (workdir / "checkpoints" / "4").is_dir()
