@@ -339,12 +339,7 @@ def _check(model_config: Any) -> list[str]:
   if model_config.num_heads >= 1 and model_config.hidden % model_config.num_heads:
     problems.append(f"hidden={model_config.hidden} must be divisible by "
                     f"num_heads={model_config.num_heads}")
-  if model_config.matmul_impl not in dsnn.MATMUL_IMPLS:
-    problems.append(f"matmul_impl must be one of {', '.join(dsnn.MATMUL_IMPLS)}, "
-                    f"got {model_config.matmul_impl!r}")
-  if not 0 <= model_config.dropout_rate < 1:
-    problems.append(f"dropout_rate must be in [0, 1), got {model_config.dropout_rate}")
-  return problems
+  return problems + registry.check_shared_fields(model_config)
 
 
 def _load_pretrained(path: str) -> tuple[dict[str, Any], Any, str | None]:

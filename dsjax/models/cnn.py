@@ -68,12 +68,7 @@ def _check(model_config: Any) -> list[str]:
     problems.append(f"features must be positive channel counts, got {model_config.features}")
   if model_config.dense_features < 1:
     problems.append(f"dense_features must be >= 1, got {model_config.dense_features}")
-  if model_config.matmul_impl not in dsnn.MATMUL_IMPLS:
-    problems.append(f"matmul_impl must be one of {', '.join(dsnn.MATMUL_IMPLS)}, "
-                    f"got {model_config.matmul_impl!r}")
-  if not 0 <= model_config.dropout_rate < 1:
-    problems.append(f"dropout_rate must be in [0, 1), got {model_config.dropout_rate}")
-  return problems
+  return problems + registry.check_shared_fields(model_config)
 
 
 _DEFAULTS = {"features": (32, 64), "dense_features": 128, "dropout_rate": 0.0,

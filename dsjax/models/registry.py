@@ -55,6 +55,21 @@ class ModelSpec:
   load_pretrained: Callable[[str], tuple[dict[str, Any], Any, str | None]] | None = None
 
 
+def check_shared_fields(model_config: Any) -> list[str]:
+  """Problems with the fields several models share, where a model has them:
+  `matmul_impl` (one of `dsjax.nn.MATMUL_IMPLS`) and `dropout_rate` (in [0, 1))."""
+  from dsjax.nn import MATMUL_IMPLS  # noqa: PLC0415 - imports jax; the registry does not.
+
+  problems = []
+  impl = model_config.get("matmul_impl")
+  if impl is not None and impl not in MATMUL_IMPLS:
+    problems.append(f"matmul_impl must be one of {', '.join(MATMUL_IMPLS)}, got {impl!r}")
+  rate = model_config.get("dropout_rate")
+  if rate is not None and not 0 <= rate < 1:
+    problems.append(f"dropout_rate must be in [0, 1), got {rate}")
+  return problems
+
+
 def register(spec: ModelSpec) -> ModelSpec:
   """Adds a model to the registry; names are unique."""
   if spec.name in _REGISTRY:

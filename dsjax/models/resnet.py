@@ -149,10 +149,7 @@ def _check(model_config: Any) -> list[str]:
   if len(stage_sizes) != len(widths):
     problems.append(f"stage_sizes ({len(stage_sizes)} stages) and widths ({len(widths)}) "
                     "must have the same length")
-  if model_config.matmul_impl not in dsnn.MATMUL_IMPLS:
-    problems.append(f"matmul_impl must be one of {', '.join(dsnn.MATMUL_IMPLS)}, "
-                    f"got {model_config.matmul_impl!r}")
-  return problems
+  return problems + registry.check_shared_fields(model_config)
 
 
 _DEFAULTS = {"stage_sizes": (3, 3, 3), "widths": (16, 32, 64), "matmul_impl": "xla"}

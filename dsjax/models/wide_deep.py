@@ -177,12 +177,7 @@ def _check(model_config: Any) -> list[str]:
       problems.append(f"crosses must be pairs of two different feature indices in "
                       f"[0, num_sparse={model_config.num_sparse}), got {pair!r}")
       break
-  if model_config.matmul_impl not in dsnn.MATMUL_IMPLS:
-    problems.append(f"matmul_impl must be one of {', '.join(dsnn.MATMUL_IMPLS)}, "
-                    f"got {model_config.matmul_impl!r}")
-  if not 0 <= model_config.dropout_rate < 1:
-    problems.append(f"dropout_rate must be in [0, 1), got {model_config.dropout_rate}")
-  return problems
+  return problems + registry.check_shared_fields(model_config)
 
 
 _DEFAULTS = {"num_sparse": 26, "embedding_rows": 1000, "embedding_dim": 16,
