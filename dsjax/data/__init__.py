@@ -8,7 +8,14 @@ from dsjax.data import cifar10 as _cifar10  # noqa: F401  (registers 'cifar10')
 from dsjax.data import ctr as _ctr  # noqa: F401  (registers 'ctr-synthetic', 'criteo')
 from dsjax.data import digits as _digits  # noqa: F401  (registers 'digits')
 from dsjax.data import text as _text  # noqa: F401  (registers 'text')
-from dsjax.data.pipeline import DATASETS, BatchIterator, Dataset, eval_batches, get_dataset
+from dsjax.data.pipeline import (
+    DATASETS,
+    BatchIterator,
+    Dataset,
+    eval_batches,
+    get_dataset,
+    num_examples,
+)
 
 __all__ = [
     "DATASETS",
@@ -16,4 +23,5 @@ __all__ = [
     "Dataset",
     "eval_batches",
     "get_dataset",
+    "num_examples",
 ]

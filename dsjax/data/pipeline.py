@@ -37,7 +37,8 @@ class Dataset:
     return tuple(self.splits["train"]["image"].shape[1:])
 
 
-def _num_examples(arrays: dict[str, np.ndarray]) -> int:
+def num_examples(arrays: dict[str, np.ndarray]) -> int:
+  """The common leading size N of a split's arrays (ValueError if they disagree)."""
   sizes = {k: len(v) for k, v in arrays.items()}
   if not sizes:
     raise ValueError("arrays must hold at least one array.")
@@ -75,7 +76,7 @@ class BatchIterator:
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.shuffle = shuffle
-    self.num_examples = _num_examples(arrays)
+    self.num_examples = num_examples(arrays)
     if self.num_examples < self.batch_size:
       raise DataError(
           f"The split has {self.num_examples} examples, fewer than batch_size="
@@ -176,7 +177,7 @@ def eval_batches(
     raise DataError(
         f"batch_size must be positive, got {batch_size}; set a batch size "
         ">= 1.")
-  n = _num_examples(arrays)
+  n = num_examples(arrays)
   for start in range(0, n, batch_size):
     real = min(batch_size, n - start)
     batch = {}

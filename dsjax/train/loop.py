@@ -51,23 +51,24 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
   """
   # A split smaller than a batch is not padded up to a whole one (a 40-sequence split
   # would otherwise cost a 256-sequence forward pass).
-  batch_size = min(batch_size, _num_examples(arrays))
+  batch_size = min(batch_size, data.num_examples(arrays))
   if mesh is not None:
     ways = parallel_mesh.batch_divisor(mesh)
     batch_size = -(-batch_size // ways) * ways
   totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
   scores, masks = [], []
   context = sharding.context(mesh, rules) if mesh is not None else contextlib.nullcontext()
+  if mesh is not None:
+    batch_sharding = sharding.batch_sharding(mesh)
+    start, stop = sharding.local_rows(batch_sharding, batch_size)
   with context:
     for index, (batch, mask) in enumerate(data.eval_batches(arrays, batch_size)):
       host_mask = mask
-      if mesh is not None:
-        batch_sharding = sharding.batch_sharding(mesh)
-        start, stop = sharding.local_rows(batch_sharding, batch_size)
-        batch = sharding.global_batch({k: v[start:stop] for k, v in batch.items()},
-                                      batch_sharding, batch_size)
-        mask = sharding.global_batch({"mask": mask[start:stop]}, batch_sharding,
-                                     batch_size)["mask"]
+      if mesh is not None:  # This process's rows (and their mask) as global arrays.
+        batch = sharding.global_batch(
+            {"mask": mask[start:stop], **{k: v[start:stop] for k, v in batch.items()}},
+            batch_sharding, batch_size)
+        mask = batch.pop("mask")
       out = jax.device_get(eval_fn(state, batch, mask, jax.random.PRNGKey(index)))
       if "score" in out:
         scores.append(np.asarray(out.pop("score")))
@@ -269,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                   data_time / window_steps, host_time / window_steps))
         if done == window_steps + start_step:
           record["compile_time_s"] = compile_time
-        if is_eval and _num_examples(dataset.splits.get("val")):
+        if is_eval and dataset.splits.get("val") and data.num_examples(dataset.splits["val"]):
           val = evaluate(state, eval_fn, dataset.splits["val"], train_cfg.eval_batch_size,
                          mesh, rules)
           record.update({f"eval_{key}": value for key, value in val.items()})
@@ -299,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if train_time > 0:
     summary["train_time_s"] = train_time
   for split, prefix in (("val", "eval"), ("test", "test")):
-    if _num_examples(dataset.splits.get(split)):
+    if dataset.splits.get(split) and data.num_examples(dataset.splits[split]):
       result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size,
                         mesh, rules)
       summary.update({f"{prefix}_{key}": value for key, value in result.items()})
@@ -395,10 +396,6 @@ def _pipelined_builder(spec: models.ModelSpec, config: ml_collections.ConfigDict
   def build(*args: Any) -> Any:
     return spec.build(*args).clone(num_stages=stages, num_microbatches=microbatches)
   return build
-
-
-def _num_examples(split: dict[str, np.ndarray] | None) -> int:
-  return len(next(iter(split.values()))) if split else 0
 
 
 
