@@ -20,6 +20,7 @@ from dsjax.models import registry
 
 OPTIMIZERS = ("adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine")
+DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 100
   config.train.eval_batch_size = 256
   config.train.log_every_steps = 10
+  # PRNG of the dropout masks: threefry2x32 (jax's default), rbg or unsafe_rbg (XLA's
+  # bit generator, cheaper on GPU/TPU; masks then depend on the mesh).
+  config.train.dropout_rng = "threefry2x32"
   # A pretrained checkpoint to start from (bert-*: a Hugging Face BERT folder); its model
   # sizes replace config.model's, and its vocab.txt becomes data.vocab_file.
   config.train.init_from = ""
@@ -153,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.logging = ml_collections.ConfigDict()
   config.logging.tensorboard = True
   config.logging.progress_bar = True
+  # A jax.profiler trace (TensorBoard/Perfetto) of the steps after the first
+  # trace_after_steps (compilation and warm-up stay out of it); "" = no trace.
+  config.logging.trace_dir = ""
+  config.logging.trace_after_steps = 2
   return config
 
 
@@ -224,6 +232,8 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
           f"train.batch_size={train.batch_size} does not split into "
           f"train.grad_accum_steps={train.grad_accum_steps} equal micro-batches: "
           f"use a batch size divisible by {train.grad_accum_steps}")
+  check(train.dropout_rng in DROPOUT_RNGS, f"train.dropout_rng must be one of "
+        f"{', '.join(DROPOUT_RNGS)}, got {train.dropout_rng!r}")
   check(opt.name in OPTIMIZERS,
         f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {opt.name!r}")
   check(opt.schedule in SCHEDULES,

@@ -6,40 +6,48 @@
 #
 #   bash scripts/gpu_check.sh                     # on the GPU machine
 #   MODEL=bert-tiny BATCH=8 STEPS=4 SIZES=256 bash scripts/gpu_check.sh   # smoke test
+#   SIZES= PRESETS="mixed-fixed mixed-fixed-rbg mixed-fixed-rbg-unroll" bash scripts/gpu_check.sh
 #
-# Wheels for packages the machine lacks (ml_collections, tensorboardX) are read from
-# .whl/ when present.
+# A run is a preset followed by -options: fixed (precision.adaptive=False), rbg
+# (train.dropout_rng=rbg), unroll (model.scan_unroll=12), nodrop (model.dropout_rate=0),
+# highest (JAX_DEFAULT_MATMUL_PRECISION=highest: float32 matmuls without TF32).
+#
+# Wheels for packages the machine lacks are read from .whl/ (scripts/gpu_env.sh).
 set -u
 OUT=${OUT:-runs/gpu}
 MODEL=${MODEL:-bert-base}
 BATCH=${BATCH:-128}
 STEPS=${STEPS:-40}
-SIZES=${SIZES:-"4096 8192"}
+SIZES=${SIZES-"4096 8192"}
 PRESETS=${PRESETS:-"fp32 bf16 mixed mixed-fixed"}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
-$PY -c "import jax; print('jax', jax.__version__, jax.devices())"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
 
-echo "== Pallas matmul vs XLA"
-# shellcheck disable=SC2086
-timeout 200 $PY scripts/bench_matmul.py --sizes $SIZES --repeats 10 --out "$OUT/matmul.json"
+if [ -n "$SIZES" ]; then  # SIZES= skips the matmul benchmark.
+  echo "== Pallas matmul vs XLA"
+  # shellcheck disable=SC2086
+  timeout 200 $PY scripts/bench_matmul.py --sizes $SIZES --repeats 10 --out "$OUT/matmul.json"
+fi
 
 echo "== $MODEL: batch $BATCH, $STEPS steps per precision"
 for run in $PRESETS; do
-  preset=${run%-fixed}
+  preset=${run%%-*}
   extra=""
-  [ "$run" != "$preset" ] && extra="--config.precision.adaptive=False"
+  matmul_precision=${JAX_DEFAULT_MATMUL_PRECISION:-}
+  for option in $(echo "${run#"$preset"}" | tr '-' ' '); do
+    case $option in
+      fixed) extra="$extra --config.precision.adaptive=False" ;;
+      rbg) extra="$extra --config.train.dropout_rng=rbg" ;;
+      unroll) extra="$extra --config.model.scan_unroll=12" ;;
+      nodrop) extra="$extra --config.model.dropout_rate=0.0" ;;
+      highest) matmul_precision=highest ;;
+      *) echo "unknown run option $option in $run" >&2; exit 2 ;;
+    esac
+  done
   rm -rf "/tmp/gpu_$run"
   # shellcheck disable=SC2086
+  env ${matmul_precision:+JAX_DEFAULT_MATMUL_PRECISION=$matmul_precision} \
   timeout 240 $PY -m dsjax.train --model "$MODEL" --precision "$preset" --batch-size "$BATCH" \
     --gradient-accumulation 1 --steps "$STEPS" --workdir "/tmp/gpu_$run" \
     --config.train.log_every_steps=10 --config.train.eval_every_steps=100000 \

@@ -258,6 +258,19 @@ def test_train_mode_draws_dropout_and_remat_checkpoints_the_layers():
   assert remat & primitives(module.clone(remat=True), train=True)
 
 
+def test_scan_unroll_keeps_parameters_and_logits():
+  """`scan_unroll`: the same stacked parameters and the same logits with the scan's loop
+  unrolled (both layers in one iteration)."""
+  module, ids = _tiny(dropout_rate=0.0), _ids((2, 6), 64)
+  variables = _random_variables(module, ids)
+  unrolled = module.clone(scan_unroll=2)
+  shapes = nn.unbox(jax.eval_shape(unrolled.init, jax.random.key(0), ids))
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
+  assert "unroll=2" in str(jax.make_jaxpr(unrolled.apply)(variables, ids))
+  np.testing.assert_allclose(jax.jit(unrolled.apply)(variables, ids),
+                             jax.jit(module.apply)(variables, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_sequence_longer_than_max_position_is_a_config_error():
   with pytest.raises(ConfigError, match="max_position"):
     _tiny().init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))

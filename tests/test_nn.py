@@ -564,3 +564,98 @@ def test_policy_decides_by_output_dtype():
     assert saved == half, eqn
     decisions[saved] = decisions.get(saved, 0) + 1
   assert decisions[True] and decisions[False]  # both kinds were seen
+
+
+def _grad_dot_operand_dtypes(fn, *args) -> set[tuple[str, ...]]:
+  """The operand dtypes of every product in the jaxpr of fn's gradient."""
+  jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=tuple(range(len(args)))))(*args)
+  found = set()
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jaxpr.jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kind", ["dot", "einsum", "conv"])
+def test_half_backward_products_stay_half_and_match_float64(dtype, kind):
+  """`dsjax.nn.matmul`: the forward equals lax with a float32 result bit for bit; every
+  backward product takes half operands (plain lax feeds them a float32 cotangent, which
+  XLA computes in float32); gradients, in the operand dtype, match float64 within one
+  rounding of each product plus the rounding of the half cotangent."""
+  from dsjax.nn import matmul
+
+  rng = np.random.default_rng(3)
+  if kind == "conv":
+    a, b = rng.standard_normal((2, 6, 6, 4)), rng.standard_normal((3, 3, 4, 5))
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                             padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = functools.partial(matmul.conv_general_dilated, window_strides=(1, 1),
+                             padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    lax_fn = functools.partial(conv, preferred_element_type=jnp.float32)
+  elif kind == "einsum":
+    a, b = rng.standard_normal((2, 5, 3, 8)), rng.standard_normal((2, 7, 3, 8))
+    ours = functools.partial(matmul.einsum, "bqhd,bkhd->bhqk")
+    lax_fn = functools.partial(jnp.einsum, "bqhd,bkhd->bhqk", preferred_element_type=jnp.float32)
+  else:
+    a, b = rng.standard_normal((3, 4, 24)), rng.standard_normal((24, 2, 5))
+    dims = (((2,), (0,)), ((), ()))
+    ours = functools.partial(matmul.dot_general, dimension_numbers=dims)
+    lax_fn = functools.partial(jax.lax.dot_general, dimension_numbers=dims,
+                               preferred_element_type=jnp.float32)
+  a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+  np.testing.assert_array_equal(ours(a, b), lax_fn(a, b))
+  weights = jnp.asarray(rng.standard_normal(ours(a, b).shape), jnp.float32)
+
+  def loss(fn):
+    # As in a layer: round the product to the operand dtype before the rest of the net.
+    return lambda x, y: jnp.sum(fn(x, y).astype(dtype).astype(jnp.float32) * weights)
+
+  assert _grad_dot_operand_dtypes(loss(ours), a, b) == {(str(jnp.dtype(dtype)),) * 2}
+  # What the wrapper fixes: plain lax runs a backward product on a float32 operand.
+  assert any("float32" in ops for ops in _grad_dot_operand_dtypes(loss(lax_fn), a, b))
+  got = jax.grad(loss(ours), (0, 1))(a, b)
+  assert [g.dtype for g in got] == [jnp.dtype(dtype)] * 2
+  # float64 reference: the same bilinear map on float64 values, through jax's own vjp.
+  with jax.enable_x64(True):
+    def ref_fn(x, y):
+      return jnp.sum(lax_fn(x, y, preferred_element_type=jnp.float64)
+                     * weights.astype(jnp.float64))
+    want = jax.grad(ref_fn, (0, 1))(_f64(a), _f64(b))
+    # Bound per element: the half cotangent (weights rounded, u) and the gradient's own
+    # rounding (u), on the sum of |terms| (float32 accumulation adds far less).
+    abs_w = jnp.abs(weights.astype(jnp.float64))
+    sums = jax.grad(lambda x, y: jnp.sum(lax_fn(x, y, preferred_element_type=jnp.float64)
+                                         * abs_w), (0, 1))(jnp.abs(_f64(a)), jnp.abs(_f64(b)))
+  u = UNIT_ROUNDOFF[dtype]
+  for g, w, s in zip(got, want, sums, strict=True):
+    err = np.abs(_f64(g) - np.asarray(w))
+    assert np.all(err <= 2.5 * u * np.asarray(s) + 1e-6)
+  # Forward mode works too (second-order DNAS takes jvp of grad): the directional
+  # derivative equals the bilinear map of the tangents, within the same rounding.
+  ta, tb = jnp.ones_like(a), jnp.ones_like(b)
+  _, tangent = jax.jvp(ours, (a, b), (ta, tb))
+  assert tangent.dtype == jnp.float32
+  np.testing.assert_allclose(tangent, lax_fn(ta, b) + lax_fn(a, tb),
+                             atol=4 * u * float(jnp.max(jnp.abs(lax_fn(ta, b) + lax_fn(a, tb)))))
+  jax.jvp(jax.grad(loss(ours)), (a, b), (ta, tb))  # A Hessian-vector product runs.
+
+
+def test_half_backward_float32_is_plain_lax_and_mixed_dtypes_are_refused():
+  from dsjax.nn import matmul
+
+  rng = np.random.default_rng(4)
+  a, b = jnp.asarray(rng.standard_normal((4, 6))), jnp.asarray(rng.standard_normal((6, 3)))
+  dims = (((1,), (0,)), ((), ()))
+  got = jax.grad(lambda x, y: matmul.dot_general(x, y, dims).sum(), (0, 1))(a, b)
+  want = jax.grad(lambda x, y: jax.lax.dot_general(x, y, dims).sum(), (0, 1))(a, b)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g, w)
+  with pytest.raises(TypeError, match="share one dtype"):
+    matmul.dot_general(a.astype(jnp.float16), b, dims)

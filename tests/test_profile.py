@@ -167,3 +167,14 @@ def test_communication_share_from_a_trace(tmp_path):
   assert 0 < result["share"] < 1
   assert result["by_kind"]["all-reduce"] == result["collective_s"] > 0
   assert trace.communication_share(tmp_path / "empty") == {}
+  # The same trace ranked by instruction: shares sum to one, three runs of each op, and
+  # the all-reduce holds the collective time measured above.
+  ops = trace.op_breakdown(tmp_path, top=1000)
+  assert sum(row["share"] for row in ops["ops"]) == pytest.approx(1.0)
+  assert ops["op_seconds"] == pytest.approx(result["instruction_s"])
+  reduce_s = sum(r["seconds"] for r in ops["op_kinds"] if r["name"].startswith("all-reduce"))
+  assert reduce_s == pytest.approx(result["collective_s"])
+  assert "all-reduce" in trace.format_breakdown(ops)
+  assert sum(ops["classes"].values()) == pytest.approx(ops["op_seconds"])
+  assert ops["classes"]["matmul"] > 0  # The dots (CPU names them dot/ynn_fusion).
+  assert trace.op_breakdown(tmp_path / "empty") == {}

@@ -178,3 +178,27 @@ def test_pallas_dense_trains_like_xla():
   for a, b in zip(jax.tree.leaves(final["xla"][1]), jax.tree.leaves(final["pallas"][1]),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_rng_implementations():
+  """`train.dropout_rng`: rbg masks come from XLA's bit generator, are deterministic per
+  step key and differ from threefry's; an unknown name is a config error."""
+  config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
+  config.model.features, config.model.dense_features = (4, 8), 16
+  config.model.dropout_rate = 0.5
+  state, batch, lr = _setup()
+  model = models.get_spec("cnn-digits").build(config.model, 10, jnp.float32)
+  state = state.replace(apply_fn=model.apply)
+  rng = jax.random.PRNGKey(3)
+  lowered = {impl: jax.jit(make_train_step(CLS, 1, lr, dropout_rng=impl)).lower(
+      state, batch, rng) for impl in ("threefry2x32", "rbg")}
+  assert "rng_bit_generator" in lowered["rbg"].as_text()
+  assert "rng_bit_generator" not in lowered["threefry2x32"].as_text()
+  steps = {impl: low.compile() for impl, low in lowered.items()}
+  loss = {impl: float(fn(state, batch, rng)[1]["loss"]) for impl, fn in steps.items()}
+  assert float(steps["rbg"](state, batch, rng)[1]["loss"]) == loss["rbg"]
+  assert loss["rbg"] != loss["threefry2x32"]
+  assert all(np.isfinite(v) for v in loss.values())
+  config.train.dropout_rng = "philox"
+  with pytest.raises(config_lib.ConfigError, match="train.dropout_rng must be one of"):
+    config_lib.validate(config)

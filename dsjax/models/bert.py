@@ -72,8 +72,7 @@ class MergeHeadsDense(nn.Module):
     if self.matmul_impl == "pallas":
       y = pallas_kernels.matmul(flat, flat_kernel, bias=bias.astype(jnp.float32), out_dtype=dtype)
     else:
-      y = jax.lax.dot_general(flat, flat_kernel, (((flat.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
+      y = dsnn.matmul.dot_general(flat, flat_kernel, (((flat.ndim - 1,), (0,)), ((), ())))
       y = (y + bias.astype(jnp.float32)).astype(dtype)
     sow_stats(self, y, 2.0 * (flat.size // flat.shape[-1]) * kernel.size, [inputs])
     return y
@@ -115,13 +114,12 @@ class BertSelfAttention(nn.Module):
     # Scaling q before the product keeps float16 logits in range; HF scales after, which
     # is the same up to float32 rounding.
     query = query * jnp.asarray(self.head_dim**-0.5, query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype),
-                        preferred_element_type=jnp.float32).astype(dtype)
+    logits = dsnn.matmul.einsum("bqhd,bkhd->bhqk", query.astype(dtype),
+                                key.astype(dtype)).astype(dtype)
     sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [query, key])
     weights = jax.nn.softmax(logits.astype(jnp.float32) + attention_bias, axis=-1).astype(dtype)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype),
-                         preferred_element_type=jnp.float32).astype(dtype)
+    context = dsnn.matmul.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype)).astype(dtype)
     return MergeHeadsDense(x.shape[-1], name="out", **layer)(context)
 
 
@@ -185,6 +183,9 @@ class BertEncoder(nn.Module):
     plan: precision plan, or None.
     matmul_impl: "xla" or "pallas".
     remat: recompute each layer's activations in the backward pass.
+    scan_unroll: layers per iteration of the scan's loop (`num_layers`: no loop). The
+      parameters stay stacked [layers, ...] either way; unrolling lets XLA fuse across
+      layers and drop the loop's per-layer slicing and stacking copies.
   """
 
   num_layers: int
@@ -196,6 +197,7 @@ class BertEncoder(nn.Module):
   plan: dsnn.PrecisionPlan | None = None
   matmul_impl: str = "xla"
   remat: bool = False
+  scan_unroll: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
@@ -212,6 +214,7 @@ class BertEncoder(nn.Module):
     stack = nn.scan(body, variable_axes={"params": 0, dsnn.STATS: 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                    unroll=min(self.scan_unroll, self.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
                       self.compute_dtype, self.plan, self.matmul_impl, name="layers")
@@ -236,6 +239,7 @@ class Bert(nn.Module):
     plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
     matmul_impl: "xla" or "pallas" for the dense layers.
     remat: recompute encoder-layer activations in the backward pass.
+    scan_unroll: encoder layers per loop iteration (see `BertEncoder`).
     num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
     num_microbatches: pipeline micro-batches per (gradient-accumulation) batch.
   """
@@ -253,6 +257,7 @@ class Bert(nn.Module):
   plan: dsnn.PrecisionPlan | None = None
   matmul_impl: str = "xla"
   remat: bool = False
+  scan_unroll: int = 1
   num_stages: int = 1
   num_microbatches: int = 1
 
@@ -310,7 +315,8 @@ class Bert(nn.Module):
     else:
       x = BertEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                       self.layer_norm_eps, self.compute_dtype, self.plan, self.matmul_impl,
-                      self.remat, name="encoder")(x, attention_bias, train=train)
+                      self.remat, self.scan_unroll, name="encoder")(x, attention_bias,
+                                                                   train=train)
     x = dsnn.Dense(self.hidden, kernel_axes=("embed", None), name="mlm_dense", **dense)(x)
     x = dsnn.LayerNorm(name="mlm_norm", **norm)(_gelu(x))
     bias = self.param("mlm_bias", nn.with_logical_partitioning(
@@ -328,12 +334,13 @@ def _build(model_config: Any, num_classes: int, compute_dtype: Any,
               num_layers=model_config.num_layers, num_heads=model_config.num_heads,
               mlp_dim=model_config.mlp_dim, max_position=model_config.max_position,
               dropout_rate=model_config.dropout_rate, compute_dtype=compute_dtype, plan=plan,
-              matmul_impl=model_config.matmul_impl, remat=model_config.remat)
+              matmul_impl=model_config.matmul_impl, remat=model_config.remat,
+              scan_unroll=model_config.scan_unroll)
 
 
 def _check(model_config: Any) -> list[str]:
   problems = []
-  for field in ("hidden", "num_layers", "num_heads", "mlp_dim", "max_position"):
+  for field in ("hidden", "num_layers", "num_heads", "mlp_dim", "max_position", "scan_unroll"):
     if model_config[field] < 1:
       problems.append(f"{field} must be >= 1, got {model_config[field]}")
   if model_config.num_heads >= 1 and model_config.hidden % model_config.num_heads:
@@ -359,7 +366,8 @@ def _flops_per_example(model_config: Any, num_classes: int, example: Any) -> flo
 
 
 _DEFAULTS = {"hidden": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512,
-             "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False}
+             "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False,
+             "scan_unroll": 1}
 _SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
           "bert-base": (12, 768, 12, 3072)}
 for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():

@@ -1,5 +1,6 @@
 """Precision-plan-aware Flax layers, the precision plan, and a half-residual remat policy."""
 
+from dsjax.nn import matmul
 from dsjax.nn.layers import (
     MATMUL_IMPLS,
     STATS,
@@ -30,6 +31,7 @@ __all__ = [
     "MultiHeadAttention",
     "PrecisionPlan",
     "layer_dtype",
+    "matmul",
     "module_path",
     "remat",
     "save_half_residuals",

@@ -2,10 +2,10 @@
 
 Every layer holds float32 (or `param_dtype`) master parameters and computes in
 `layer_dtype(self, compute_dtype, plan)`: half precision unless the plan promotes its
-path to float32. Matmuls and convolutions accumulate in float32
-(`preferred_element_type`), biases are added in float32, and the result is rounded once
-to the layer dtype. Numerically sensitive reductions (LayerNorm statistics, softmax) are
-always float32, as in PyTorch AMP.
+path to float32. Matmuls and convolutions accumulate in float32 (`dsjax.nn.matmul`: their
+backward products stay in half precision too), biases are added in float32, and the
+result is rounded once to the layer dtype. Numerically sensitive reductions (LayerNorm
+statistics, softmax) are always float32, as in PyTorch AMP.
 
 Layers sow `max_abs` and `nonfinite` of their output into the "precision_stats"
 collection when it is mutable (not during init), for a precision controller to read.
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from dsjax.nn import matmul
 from dsjax.nn.plan import PrecisionPlan, layer_dtype
 
 Initializer = Callable[..., jax.Array]
@@ -109,8 +110,7 @@ class Dense(nn.Module):
       y = y.reshape(*inputs.shape[:-1], *features)
     else:
       dims = (((inputs.ndim - 1,), (0,)), ((), ()))
-      y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype), dims,
-                              preferred_element_type=jnp.float32)
+      y = matmul.dot_general(inputs.astype(dtype), kernel.astype(dtype), dims)
       if bias is not None:
         y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
@@ -158,10 +158,9 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
-    y = jax.lax.conv_general_dilated(
+    y = matmul.conv_general_dilated(
         inputs.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.feature_group_count, preferred_element_type=jnp.float32)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(jnp.float32)
@@ -214,8 +213,7 @@ class Embed(nn.Module):
     """
     dtype = layer_dtype(self, self.compute_dtype, self.plan)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
-    out = jax.lax.dot_general(query.astype(dtype), self.embedding.astype(dtype), dims,
-                              preferred_element_type=jnp.float32).astype(dtype)
+    out = matmul.dot_general(query.astype(dtype), self.embedding.astype(dtype), dims).astype(dtype)
     sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size, [query])
     return out
 
@@ -317,8 +315,7 @@ class MultiHeadAttention(nn.Module):
     k = project("key", inputs_kv)
     v = project("value", inputs_kv)
     q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
-                        preferred_element_type=jnp.float32).astype(dtype)
+    logits = matmul.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype)).astype(dtype)
     # This layer's plan entry governs the logits: their range is what overflows in fp16.
     # FLOPs: the logits and the weighted sum of values, 2 * b*h*q*k*d each.
     sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [q, k])
@@ -331,8 +328,7 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     if self.dropout_rate > 0.0 and not deterministic:
       weights = nn.Dropout(self.dropout_rate, deterministic=False)(weights)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype),
-                         preferred_element_type=jnp.float32).astype(dtype)
+    context = matmul.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype)).astype(dtype)
     out = Dense(embed, kernel_axes=("heads", "embed"), kernel_init=self.kernel_init,
                 compute_dtype=self.compute_dtype, param_dtype=self.param_dtype, plan=self.plan,
                 name="out")(context.reshape(*context.shape[:2], -1))

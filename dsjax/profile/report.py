@@ -7,13 +7,11 @@ its metrics.jsonl (the step-time breakdown, MFU, loss-scale skips) and summary.j
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 
 from dsjax.profile import trace as trace_lib
@@ -108,6 +106,8 @@ def format_report(report: dict[str, Any]) -> str:
   if communication:
     lines.append(f"communication    {100 * communication['share']:.1f}% of XLA instruction "
                  "time in collectives (from the trace)")
+  if report.get("device_time"):
+    lines.append(trace_lib.format_breakdown(report["device_time"]))
   if report["findings"]:
     lines.append(f"top bottleneck   {report['findings'][0]['message']}")
     lines += [f"  also: {f['message']}" for f in report["findings"][1:]]
@@ -135,11 +135,14 @@ def run_profile(config: ml_collections.ConfigDict, workdir: str | Path, *, steps
   config.train.log_every_steps = 1
   config.train.eval_every_steps = steps
   config.checkpoint.every_steps = steps
-  tracing = jax.profiler.trace(str(workdir / "trace")) if trace else contextlib.nullcontext()
-  with tracing:
-    summary = train_and_evaluate(config, workdir)
+  if trace:  # The steady steps only: compilation and autotuning would swamp them.
+    config.logging.trace_dir = str(workdir / "trace")
+    config.logging.trace_after_steps = min(config.logging.trace_after_steps, steps - 1)
+  summary = train_and_evaluate(config, workdir)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   communication = trace_lib.communication_share(workdir / "trace") if trace else None
   report = analyse(records, summary, communication)
+  if trace:
+    report["device_time"] = trace_lib.op_breakdown(workdir / "trace")
   write_json(workdir / "profile.json", report)
   return report

@@ -157,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return step.make_train_step(
         task, train_cfg.grad_accum_steps, learning_rate_fn, collect_stats=collect_stats,
         half_residuals=config.precision.half_residuals, grad_compression=compressed,
-        density=density, delayed_update=delayed)
+        density=density, delayed_update=delayed, dropout_rng=train_cfg.dropout_rng)
 
   plans = precision_plan.PlanRuntime(
       config.precision,
@@ -243,8 +243,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                        disable=None if config.logging.progress_bar and primary else True)
   window_start, window_steps, train_time = time.perf_counter(), 0, 0.0
   data_time = host_time = 0.0  # Per logging window: waiting for data, dispatching.
+  trace_start = (min(start_step + config.logging.trace_after_steps, train_cfg.steps - 1)
+                 if config.logging.trace_dir else None)
+  tracing = False
   try:
     for step_index in range(start_step, train_cfg.steps):
+      if step_index == trace_start:
+        jax.block_until_ready(state)
+        jax.profiler.start_trace(config.logging.trace_dir)
+        tracing = True
       data_start = time.perf_counter()
       batch = global_batch(next(train_iter))
       host_start = time.perf_counter()
@@ -252,6 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                        step_index)
       done = step_index + 1
       state = plans.after_step(done, state, step_metrics, batch)
+      if tracing and done == train_cfg.steps:  # Training steps only, not the evaluation.
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
       data_time += host_start - data_start
       host_time += time.perf_counter() - host_start
       window_steps += 1
@@ -284,6 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         window_start += time.perf_counter() - save_start  # Saving is not training time.
     checkpointer.wait()
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     progress.close()
     checkpointer.close()
 

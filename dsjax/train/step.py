@@ -28,8 +28,8 @@ Metrics = dict[str, jax.Array]
 
 
 def _forward(state: TrainState, task: Task, params: Any, model_state: Any, batch: Batch,
-             rng: jax.Array, train: bool,
-             collect_stats: bool = False) -> tuple[dict[str, jax.Array], Any, Any]:
+             rng: jax.Array, train: bool, collect_stats: bool = False,
+             dropout_rng_impl: str = "threefry2x32") -> tuple[dict[str, jax.Array], Any, Any]:
   """Prepares the batch on device and runs the model.
 
   Returns:
@@ -37,6 +37,12 @@ def _forward(state: TrainState, task: Task, params: Any, model_state: Any, batch
     and the per-layer precision statistics (`{}` unless `collect_stats`).
   """
   prepare_rng, dropout_rng = jax.random.split(rng)
+  if dropout_rng_impl != "threefry2x32":
+    # Dropout masks from XLA's RngBitGenerator (Philox on GPU, the hardware generator on
+    # TPU) instead of threefry's ~20 integer rounds per 32 random bits, seeded from the
+    # step key: the same mask for the same step, a different stream from threefry's.
+    seed = jax.random.bits(dropout_rng, (), jnp.uint32)
+    dropout_rng = jax.random.key(seed, impl=dropout_rng_impl)
   batch = task.prepare(batch, prepare_rng, train=train)
   args, kwargs = task.model_args(batch)
   variables = {"params": params, **model_state}
@@ -76,8 +82,8 @@ def _varying(tree: Any, axis_name: str) -> Any:
 def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
                     collect_stats: bool = False, half_residuals: bool = False,
                     grad_compression: compression_lib.Compression | None = None,
-                    density: float | None = None,
-                    delayed_update: bool = False) -> Callable[..., tuple[TrainState, Metrics]]:
+                    density: float | None = None, delayed_update: bool = False,
+                    dropout_rng: str = "threefry2x32") -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds the training step.
 
   Args:
@@ -97,6 +103,10 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
     delayed_update: apply the previous step's (already exchanged) gradient while this
       step's is computed and exchanged; the state's `pending_grads` holds it. Step 0
       applies nothing.
+    dropout_rng: the PRNG implementation of the dropout masks (`config.DROPOUT_RNGS`):
+      "threefry2x32" (jax's default, identical on every mesh), "rbg" or "unsafe_rbg"
+      (XLA's bit generator: far fewer integer ops per bit; masks may differ between
+      meshes).
 
   Returns:
     `train_step(state, batch, rng) -> (state, metrics)`, to be jitted with the state
@@ -106,7 +116,8 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
   """
 
   def micro_step(state: TrainState, model_state: Any, micro_batch: Batch, rng: jax.Array):
-    forward = functools.partial(_forward, state, task, train=True, collect_stats=collect_stats)
+    forward = functools.partial(_forward, state, task, train=True, collect_stats=collect_stats,
+                                dropout_rng_impl=dropout_rng)
     if half_residuals:
       forward = jax.checkpoint(forward, policy=save_half_residuals)
 
