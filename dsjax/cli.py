@@ -230,7 +230,8 @@ def search_main(argv: Sequence[str] | None = None) -> None:
     print((Path(FLAGS.workdir) / "probabilities.txt").read_text().rstrip())
     print(f"derived: depth {summary['depth']}, {summary['params']:,} params, "
           f"{summary['flops']:,.0f} FLOPs per example; search took "
-          f"{summary['search_time_s']:.0f} s")
+          f"{summary['search_time_s']:.0f} s"
+          + (f" (resumed at step {summary['start_step']})" if summary.get("start_step") else ""))
     print(f"wrote {summary['architecture']}; retrain it with dsjax-train --config ... "
           f"--architecture {summary['architecture']}")
 
