@@ -91,6 +91,11 @@ def test_params_are_born_sharded_as_the_rules_say():
   assert kernel.addressable_shards[0].data.nbytes == whole // 8
   # The classifier's 10 outputs do not split 4 ways: replicated, not an error.
   assert state.params["classifier"]["kernel"].sharding.spec[1] is None
+  # Convolutions too: [h, w, in, out] with out (8 channels) on model; the 1 input
+  # channel does not split over fsdp. The bias follows the output channels.
+  conv = state.params["conv0_0"]
+  assert conv["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "model")
+  assert conv["bias"].sharding.spec == jax.sharding.PartitionSpec("model")
   # Adam/SGD state mirrors the params' sharding (FSDP shards optimizer state too).
   assert tree_bytes(state.params) < sum(x.nbytes for x in jax.tree.leaves(state.params))
   del mesh
@@ -176,3 +181,45 @@ def test_bert_trains_the_same_on_tensor_pipeline_and_fsdp_meshes(bert_reference,
   if mesh_sizes.get("pipe", 1) > 1:
     assert spec[0] == "pipe"
     assert query.addressable_shards[0].data.shape[0] == 4 // mesh_sizes["pipe"]
+
+
+def test_resnet_with_batch_norm_trains_the_same_with_channels_on_model():
+  """Conv kernels, biases and BatchNorm scales carry logical axes: on data x model the
+  output channels (and BatchNorm's per-channel statistics) are split over `model`, and
+  two SGD steps equal one device's."""
+  import ml_collections
+
+  spec = models.get_spec("resnet20")
+  fields = ml_collections.ConfigDict({**spec.defaults, "stage_sizes": (1, 1), "widths": (4, 8)})
+  model = spec.build(fields, 10, np.float32)
+  config = config_lib.base_config()
+  config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.1
+  tx, lr = build_optimizer(config.optimizer, 2)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+
+  def train(mesh_sizes, devices=None):
+    mesh = mesh_lib.make_mesh(mesh_sizes, devices)
+    rules = sharding.parse_rules()
+    runtime = PlanRuntime(config.precision, lambda plan, dtype: model,
+                          lambda stats, density: make_train_step(TASK, 1, lr), task=TASK,
+                          mesh=mesh, rules=rules)
+    with runtime.context():
+      state = create_train_state(model, tx, (8, 8, 3), 0, mesh=mesh, rules=rules)
+    losses = []
+    for step in range(2):
+      sharded = sharding.global_batch(batch, sharding.batch_sharding(mesh), 8)
+      state, metrics = runtime.step(state, sharded, jax.random.fold_in(state.rng, step))
+      losses.append(float(metrics["loss"]))
+    return state, np.array(losses)
+
+  state, losses = train({"data": 2, "model": 2}, jax.devices()[:4])
+  scale = state.params["stage2_block1"]["bn1"]["scale"]
+  assert scale.sharding.spec == jax.sharding.PartitionSpec("model")
+  assert state.params["stem_conv"]["kernel"].sharding.spec[-1] == "model"
+  ref_state, ref_losses = train({}, jax.devices()[:1])
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  for got, want in zip(jax.tree.leaves(jax.device_get(state.params)),
+                       jax.tree.leaves(jax.device_get(ref_state.params)), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

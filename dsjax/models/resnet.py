@@ -68,7 +68,7 @@ class BasicBlock(nn.Module):
     precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     conv = {"kernel_size": (3, 3), "padding": _PAD_1, "use_bias": False,
             "kernel_init": nn.initializers.he_normal(), **precision}
-    bn = {"momentum": self.bn_momentum, **precision}
+    bn = {"momentum": self.bn_momentum, "param_axis": "conv_out", **precision}
     y = dsnn.Conv(self.features, strides=self.stride, name="conv1", **conv)(x)
     y = nn.relu(BatchNorm(name="bn1", **bn)(y, use_running_average=not train))
     y = dsnn.Conv(self.features, name="conv2", **conv)(y)
@@ -114,7 +114,8 @@ class ResNet(nn.Module):
     precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     x = dsnn.Conv(self.widths[0], (3, 3), padding=_PAD_1, use_bias=False,
                   kernel_init=nn.initializers.he_normal(), name="stem_conv", **precision)(images)
-    x = nn.relu(BatchNorm(momentum=self.bn_momentum, name="stem_bn", **precision)(
+    x = nn.relu(BatchNorm(momentum=self.bn_momentum, param_axis="conv_out", name="stem_bn",
+                          **precision)(
         x, use_running_average=not train))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       for block in range(blocks):

@@ -130,6 +130,9 @@ class Conv(nn.Module):
     feature_group_count: channel groups; equal to the input channels for depthwise.
     kernel_init: kernel initializer.
     bias_init: bias initializer.
+    kernel_axes: logical names of the [height, width, in, out] kernel; the bias takes
+      the last. The default rules put "conv_in" on `fsdp` and "conv_out" on `model`
+      (as a Dense kernel's "embed" and "mlp").
     compute_dtype: the run's half (or float32) compute dtype.
     param_dtype: dtype of the stored parameters.
     plan: precision plan; None means every layer computes in `compute_dtype`.
@@ -143,6 +146,7 @@ class Conv(nn.Module):
   feature_group_count: int = 1
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
+  kernel_axes: Axes = (None, None, "conv_in", "conv_out")
   compute_dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   plan: PrecisionPlan | None = None
@@ -155,14 +159,17 @@ class Conv(nn.Module):
                        f"divisible by feature_group_count={self.feature_group_count}")
     dtype = layer_dtype(self, self.compute_dtype, self.plan)
     kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
-    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        kernel_shape, self.param_dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
     y = matmul.conv_general_dilated(
         inputs.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
     if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init,
+                                                             self.kernel_axes[-1:]),
+                        (self.features,), self.param_dtype)
       y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
     sow_stats(self, y, 2.0 * (y.size // self.features) * kernel.size, [inputs])
@@ -229,6 +236,7 @@ class LayerNorm(nn.Module):
     epsilon: added to the variance.
     use_scale: whether to multiply by a learned scale (initialised to ones).
     use_bias: whether to add a learned bias (initialised to zeros).
+    feature_axes: logical name of the normalised axis, for the scale and bias.
     compute_dtype: the run's half (or float32) compute dtype.
     param_dtype: dtype of the stored scale and bias.
     plan: precision plan; None means every layer computes in `compute_dtype`.
@@ -237,6 +245,7 @@ class LayerNorm(nn.Module):
   epsilon: float = 1e-6
   use_scale: bool = True
   use_bias: bool = True
+  feature_axes: Axes = ("embed",)
   compute_dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   plan: PrecisionPlan | None = None
@@ -251,11 +260,11 @@ class LayerNorm(nn.Module):
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     features = (inputs.shape[-1],)
     if self.use_scale:
-      y = y * self.param("scale", nn.initializers.ones_init(), features,
-                         self.param_dtype).astype(jnp.float32)
+      scale = nn.with_logical_partitioning(nn.initializers.ones_init(), self.feature_axes)
+      y = y * self.param("scale", scale, features, self.param_dtype).astype(jnp.float32)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), features,
-                         self.param_dtype).astype(jnp.float32)
+      bias = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.feature_axes)
+      y = y + self.param("bias", bias, features, self.param_dtype).astype(jnp.float32)
     y = y.astype(dtype)
     sow_stats(self, y, inputs=[inputs])
     return y

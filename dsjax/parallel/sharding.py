@@ -34,6 +34,8 @@ DEFAULT_RULES: Rules = (
     ("mlp", "model"),
     ("heads", "model"),
     ("vocab", "model"),
+    ("conv_in", "fsdp"),  # Convolution kernels [h, w, in, out], as Dense's embed -> mlp.
+    ("conv_out", "model"),
     ("kv", None),
     ("length", None),
     ("layers", "pipe"),
