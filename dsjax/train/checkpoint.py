@@ -73,6 +73,7 @@ class Checkpointer:
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     folder = self.directory / str(step)
+    self._check_shapes(step, abstract)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
@@ -87,6 +88,27 @@ class Checkpointer:
           "resume from an earlier checkpoint, or use a new --workdir") from error
     log.info("restored checkpoint %s", folder)
     return state, host_state
+
+  def _check_shapes(self, step: int, abstract: Any) -> None:
+    """Refuses a checkpoint whose array shapes differ from `abstract`'s, from its metadata.
+
+    Checked before reading any array: a restore that fails half-way leaves orbax's other
+    reads pending. Compares the multisets of shapes (structure and dtypes are checked by
+    the restore itself); unreadable metadata is left to the restore to report.
+    """
+    try:
+      saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+      saved = getattr(saved, "item_metadata", saved)
+      leaves = jax.tree.leaves(getattr(saved, "tree", saved))
+      saved_shapes = sorted(tuple(leaf.shape) for leaf in leaves)
+    except Exception:  # noqa: BLE001 - no usable metadata: the restore decides.
+      return
+    if leaves and saved_shapes != sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(abstract)):
+      raise CheckpointError(
+          f"checkpoint {self.directory / str(step)} cannot be restored: its arrays have "
+          "other shapes than this run's model and optimizer (it was written by a different "
+          "config). It was left untouched: use a new --workdir, or resume with the original "
+          "config")
 
   def wait(self) -> None:
     """Blocks until any background save is on disk."""
