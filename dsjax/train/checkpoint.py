@@ -96,6 +96,9 @@ class Checkpointer:
     reads pending. Compares the multisets of shapes (structure and dtypes are checked by
     the restore itself); unreadable metadata is left to the restore to report.
     """
+    absl_log = logging.getLogger("absl")  # Orbax warns about missing metadata files.
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
     try:
       saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
       saved = getattr(saved, "item_metadata", saved)
@@ -103,6 +106,8 @@ class Checkpointer:
       saved_shapes = sorted(tuple(leaf.shape) for leaf in leaves)
     except Exception:  # noqa: BLE001 - no usable metadata: the restore decides.
       return
+    finally:
+      absl_log.setLevel(level)
     if leaves and saved_shapes != sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(abstract)):
       raise CheckpointError(
           f"checkpoint {self.directory / str(step)} cannot be restored: its arrays have "
