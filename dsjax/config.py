@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Overrides of the logical -> mesh axis rules, e.g. "embed=model,vocab=none".
   config.parallel.rules = ""
   config.parallel.microbatches = 0  # Pipeline micro-batches; 0 means 2 x mesh.pipe.
+  # Circular pipeline: each microbatch goes round the stages this many times (layers are
+  # cut into repeats x pipe chunks); 1 is GPipe. Needs microbatches >= mesh.pipe.
+  config.parallel.pipeline_repeats = 1
   # Data-parallel gradient exchange (dsjax.parallel.compression): none (XLA's dense
   # all-reduce), topk:DENSITY, threshold:T or powersgd:RANK, plus ",knob=value" options.
   config.parallel.grad_compression = "none"
@@ -288,6 +291,9 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
     compression.parse_compression(config.parallel.grad_compression)
   except ConfigError as error:
     problems.append(f"parallel.grad_compression: {error}")
+  check(config.parallel.pipeline_repeats >= 1,
+        f"parallel.pipeline_repeats must be >= 1 (1: GPipe), got "
+        f"{config.parallel.pipeline_repeats}")
   check(config.parallel.microbatches >= 0,
         f"parallel.microbatches must be >= 0 (0: 2 x mesh.pipe), got "
         f"{config.parallel.microbatches}")

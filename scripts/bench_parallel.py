@@ -63,8 +63,8 @@ def run_mesh(args: argparse.Namespace, mesh: str, microbatches: int = 0) -> dict
           "final_loss": records[-1]["loss"]}
 
 
-def measure_bubble(stages: int, microbatches: int, layers: int = 8, batch: int = 32,
-                   seq_len: int = 64, hidden: int = 128) -> dict:
+def measure_bubble(stages: int, microbatches: int, repeats: int = 1, layers: int = 8,
+                   batch: int = 32, seq_len: int = 64, hidden: int = 128) -> dict:
   """Forward+backward time of a BERT layer stack, pipelined vs scanned, on one device."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -81,10 +81,12 @@ def measure_bubble(stages: int, microbatches: int, layers: int = 8, batch: int =
     return benchlib.time_steps(lambda: grad(params, x), warmup=2, repeats=10)["median_s"] * 1e3
 
   times = {"scan": time_grad(pipeline.Pipeline(layer, layers)),
-           "pipeline": time_grad(pipeline.Pipeline(layer, layers, stages, microbatches))}
-  return {"stages": stages, "microbatches": microbatches, "scan_ms": times["scan"],
-          "pipeline_ms": times["pipeline"], "measured": 1 - times["scan"] / times["pipeline"],
-          "theory": pipeline.bubble_fraction(stages, microbatches)}
+           "pipeline": time_grad(pipeline.Pipeline(layer, layers, stages, microbatches,
+                                                   num_repeats=repeats))}
+  return {"stages": stages, "microbatches": microbatches, "repeats": repeats,
+          "scan_ms": times["scan"], "pipeline_ms": times["pipeline"],
+          "measured": 1 - times["scan"] / times["pipeline"],
+          "theory": pipeline.bubble_fraction(stages, microbatches, repeats)}
 
 
 def main() -> None:
@@ -112,11 +114,11 @@ def main() -> None:
           f"{row['params_bytes_per_device'] or 0:11,}  {kinds or '-'}")
 
   bubble = []
-  for microbatches in (args.pipe, 4 * args.pipe):
-    row = measure_bubble(args.pipe, microbatches)
+  for microbatches, repeats in ((args.pipe, 1), (4 * args.pipe, 1), (args.pipe, 2)):
+    row = measure_bubble(args.pipe, microbatches, repeats)
     bubble.append(row)
-    print(f"pipeline P={args.pipe} M={microbatches:<3} scan {row['scan_ms']:.1f} ms, pipeline "
-          f"{row['pipeline_ms']:.1f} ms: bubble measured {row['measured']:.3f}, "
+    print(f"pipeline P={args.pipe} M={microbatches:<3} R={repeats} scan {row['scan_ms']:.1f} "
+          f"ms, pipeline {row['pipeline_ms']:.1f} ms: bubble measured {row['measured']:.3f}, "
           f"theory {row['theory']:.3f}")
   benchlib.save_result(args.out, "parallel", {"config": vars(args), "meshes": rows,
                                               "bubble": bubble})

@@ -223,3 +223,27 @@ def test_resnet_with_batch_norm_trains_the_same_with_channels_on_model():
   for got, want in zip(jax.tree.leaves(jax.device_get(state.params)),
                        jax.tree.leaves(jax.device_get(ref_state.params)), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_circular_pipeline_config():
+  """`parallel.pipeline_repeats` reaches the model; repeats that do not divide the layers
+  per stage, or fewer microbatches than stages, stop with one clear error."""
+  from dsjax.train import loop
+
+  config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
+  config.model.num_layers, config.train.batch_size = 4, 8
+  spec = models.get_spec("bert-tiny")
+  mesh = mesh_lib.make_mesh({"pipe": 2}, jax.devices()[:2])
+  config.parallel.pipeline_repeats = 3
+  with pytest.raises(ConfigError, match="does not split into mesh pipe=2 stages x "
+                     "parallel.pipeline_repeats=3"):
+    loop._pipelined_builder(spec, config, mesh)
+  config.parallel.pipeline_repeats, config.parallel.microbatches = 2, 1
+  with pytest.raises(ConfigError, match="needs parallel.microbatches >= mesh pipe=2, got 1"):
+    loop._pipelined_builder(spec, config, mesh)
+  config.parallel.microbatches = 2
+  model = loop._pipelined_builder(spec, config, mesh)(config.model, 64, np.float32)
+  assert (model.num_stages, model.num_microbatches, model.num_repeats) == (2, 2, 2)
+  config.parallel.pipeline_repeats = 0
+  with pytest.raises(ConfigError, match="parallel.pipeline_repeats must be >= 1"):
+    config_lib.validate(config)

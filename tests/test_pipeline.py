@@ -46,9 +46,9 @@ class TinyLayer(nn.Module):
     return x + h
 
 
-def _pipeline(num_stages=1, num_microbatches=1, remat=False, **kwargs):
+def _pipeline(num_stages=1, num_microbatches=1, remat=False, num_repeats=1, **kwargs):
   return Pipeline(TinyLayer(HIDDEN, **kwargs), num_layers=LAYERS, num_stages=num_stages,
-                  num_microbatches=num_microbatches, remat=remat)
+                  num_microbatches=num_microbatches, remat=remat, num_repeats=num_repeats)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,16 @@ def test_parameter_layout_is_the_layer_scan(setup):
   _assert_close(nn.unbox(pipelined), nn.unbox(boxed), tol=0)
 
 
-@pytest.mark.parametrize("num_stages,num_microbatches,remat",
-                         [(2, 2, False), (2, 4, False), (4, 4, False), (4, 8, True)])
-def test_pipeline_matches_scan(setup, expected, num_stages, num_microbatches, remat):
+@pytest.mark.parametrize("num_stages,num_microbatches,remat,num_repeats", [
+    (2, 2, False, 1), (2, 4, False, 1), (4, 4, False, 1), (4, 8, True, 1),
+    # Circular: 2 stages x 2 repeats of 2-layer chunks (M = P, each microbatch re-enters
+    # stage 0 right after leaving the last); 2 stages x 4 repeats with M > P (results wait
+    # in the buffer); 4 stages x 2 repeats with remat.
+    (2, 2, False, 2), (2, 4, False, 4), (4, 4, True, 2)])
+def test_pipeline_matches_scan(setup, expected, num_stages, num_microbatches, remat,
+                               num_repeats):
   x, mask, weights, boxed = setup
-  model = _pipeline(num_stages, num_microbatches, remat=remat)
+  model = _pipeline(num_stages, num_microbatches, remat=remat, num_repeats=num_repeats)
   actual = jit(_step(model, weights))(nn.unbox(boxed)["params"], x, mask)
   _assert_close(actual, expected)
 
@@ -124,7 +129,10 @@ def test_dropout_is_deterministic_and_active(setup, expected):
   assert not np.allclose(first, expected[0])  # the train=False output
 
 
-def test_sharded_pipeline_on_mesh(setup, expected):
+@pytest.mark.parametrize("num_repeats", [1, 2])
+def test_sharded_pipeline_on_mesh(setup, expected, num_repeats):
+  """4 stages on pipe x 2-way data; with 2 circular repeats each device's contiguous
+  parameter block holds chunks of two stages, which XLA moves to where they run."""
   x, mask, weights, boxed = setup
   params = nn.unbox(boxed)["params"]
 
@@ -133,7 +141,7 @@ def test_sharded_pipeline_on_mesh(setup, expected):
       nn.get_partition_spec(jax.eval_shape(lambda: boxed)), mesh, RULES)["params"]
   batch_sharding = NamedSharding(mesh, jax.P("data"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-    step = jit(_step(_pipeline(4, 4), weights),
+    step = jit(_step(_pipeline(4, 4, num_repeats=num_repeats), weights),
                    in_shardings=(param_shardings, batch_sharding, batch_sharding),
                    out_shardings=(batch_sharding, param_shardings, batch_sharding))
     sharded = jax.device_put(params, param_shardings)
@@ -153,6 +161,10 @@ def test_sharded_pipeline_on_mesh(setup, expected):
     ({"num_stages": 3}, BATCH, "8 layers do not split into 3 pipeline stages"),
     ({"num_stages": 2, "num_microbatches": 3}, BATCH, "does not split into 3 microbatches"),
     ({"num_stages": 2, "num_microbatches": 0}, BATCH, "num_microbatches must be at least 1"),
+    ({"num_stages": 2, "num_repeats": 3}, BATCH, "2 stages x 3 circular repeats"),
+    ({"num_stages": 4, "num_microbatches": 2, "num_repeats": 2}, BATCH,
+     "at least as many microbatches as stages"),
+    ({"num_stages": 2, "num_repeats": 0}, BATCH, "num_repeats must be at least 1"),
 ])
 def test_config_errors(kwargs, batch, message):
   x = jnp.zeros((batch, SEQ, HIDDEN))
@@ -170,5 +182,6 @@ def test_bubble_fraction():
   assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
   assert bubble_fraction(4, 16) == pytest.approx(3 / 19)
   assert bubble_fraction(2, 1) == pytest.approx(1 / 2)
+  assert bubble_fraction(4, 4, 2) == pytest.approx(3 / 11)
   with pytest.raises(ConfigError):
     bubble_fraction(0, 4)

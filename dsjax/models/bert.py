@@ -242,6 +242,7 @@ class Bert(nn.Module):
     scan_unroll: encoder layers per loop iteration (see `BertEncoder`).
     num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
     num_microbatches: pipeline micro-batches per (gradient-accumulation) batch.
+    num_repeats: circular pipeline repeats (`dsjax.parallel.pipeline`); 1 is GPipe.
   """
 
   vocab_size: int
@@ -260,6 +261,7 @@ class Bert(nn.Module):
   scan_unroll: int = 1
   num_stages: int = 1
   num_microbatches: int = 1
+  num_repeats: int = 1
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -311,7 +313,8 @@ class Bert(nn.Module):
       layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
                         self.compute_dtype, self.plan, self.matmul_impl)
       x = pipeline.Pipeline(layer, self.num_layers, self.num_stages, self.num_microbatches,
-                            self.remat, name="encoder")(x, attention_bias, train=train)
+                            self.remat, self.num_repeats, name="encoder")(x, attention_bias,
+                                                                          train=train)
     else:
       x = BertEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                       self.layer_norm_eps, self.compute_dtype, self.plan, self.matmul_impl,

@@ -15,7 +15,19 @@ logical name "stages": with the rules `("stages", "pipe"), ("layers", "pipe")` e
 of the `pipe` axis holds one stage's parameters and activations, and XLA turns the roll
 into a `collective-permute`. The same code runs on a single device without any rules.
 `jax.grad` through it is the GPipe backward (the transpose of the roll sends cotangents
-upstream). This is the SPMD pattern of MaxText's pipeline, without circular repeats.
+upstream). This is the SPMD pattern of MaxText's pipeline.
+
+Circular repeats (`num_repeats` R > 1, MaxText's circular pipeline, Megatron's
+interleaved schedule): the stack is cut into R * P chunks of L / (R P) layers, chunk c
+runs on stage c mod P, and each microbatch goes round the ring of stages R times: after
+the last stage it waits in the output buffer and re-enters stage 0 M steps after its
+previous entry (so M >= P). The schedule takes R M + P - 1 steps of 1/R the work each:
+the bubble shrinks from (P - 1)/(M + P - 1) to (P - 1)/(R M + P - 1). The parameters keep
+the scan layout, whose `layers -> pipe` sharding gives each device a contiguous block of
+layers, while stage s needs the strided chunks s, s + P, ...: with R > 1 XLA moves the
+stacked parameters (and their gradients) between the pipe devices each step. The repeat
+pays off when the bubble costs more than that transfer (activations large against the
+layers' parameters).
 """
 
 from __future__ import annotations
@@ -37,26 +49,28 @@ STAGES_AXIS = "stages"
 _UNCONSTRAINED = jax.sharding.PartitionSpec.UNCONSTRAINED
 
 
-def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-  """The theoretical GPipe bubble: (P - 1) / (M + P - 1).
+def bubble_fraction(num_stages: int, num_microbatches: int, num_repeats: int = 1) -> float:
+  """The theoretical pipeline bubble: (P - 1) / (R M + P - 1).
 
-  Each of the M + P - 1 schedule steps runs every stage once, and a stage does useful
-  work in exactly M of them, so this share of the stage-steps is idle (filling and
+  Each of the R M + P - 1 schedule steps runs every stage once, and a stage does useful
+  work in exactly R M of them, so this share of the stage-steps is idle (filling and
   draining the pipeline). It ignores communication and the backward pass's own bubble,
-  which has the same shape. More microbatches shrink it: P=4, M=4 idles 3/7, M=16 3/19.
+  which has the same shape. More microbatches or circular repeats shrink it: P=4, M=4
+  idles 3/7; M=16 3/19; M=4 with R=2 3/11.
 
   Args:
     num_stages: pipeline stages P (>= 1).
     num_microbatches: microbatches M per batch (>= 1).
+    num_repeats: circular repeats R (>= 1); 1 is GPipe.
 
   Returns:
     The idle fraction in [0, 1); 0.0 for a single stage.
   """
-  if num_stages < 1 or num_microbatches < 1:
+  if num_stages < 1 or num_microbatches < 1 or num_repeats < 1:
     raise ConfigError(
-        f"bubble_fraction needs num_stages >= 1 and num_microbatches >= 1, got "
-        f"{num_stages} and {num_microbatches}; pass positive counts.")
-  return (num_stages - 1) / (num_microbatches + num_stages - 1)
+        f"bubble_fraction needs num_stages, num_microbatches and num_repeats >= 1, got "
+        f"{num_stages}, {num_microbatches} and {num_repeats}; pass positive counts.")
+  return (num_stages - 1) / (num_repeats * num_microbatches + num_stages - 1)
 
 
 @functools.cache
@@ -131,6 +145,8 @@ class Pipeline(nn.Module):
       idles `bubble_fraction(P, M)` of the time.
     remat: recompute activations in the backward pass (per layer in the scan, per
       schedule step in the pipeline) instead of storing them.
+    num_repeats: R, circular repeats (see the module docstring); R * P must divide L,
+      and R > 1 needs M >= P. The pipeline then idles `bubble_fraction(P, M, R)`.
   """
 
   layer: nn.Module
@@ -138,6 +154,7 @@ class Pipeline(nn.Module):
   num_stages: int = 1
   num_microbatches: int = 1
   remat: bool = False
+  num_repeats: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *per_example_args: jax.Array,
@@ -163,14 +180,27 @@ class Pipeline(nn.Module):
       raise ConfigError(
           f"Pipeline needs num_layers >= 1 and num_stages >= 1, got {self.num_layers} and "
           f"{self.num_stages}; set both to positive counts.")
+    if self.num_repeats < 1:
+      raise ConfigError(f"num_repeats must be at least 1, got {self.num_repeats}; use 1 for "
+                        "GPipe or R > 1 for a circular pipeline.")
     if self.num_layers % self.num_stages:
       raise ConfigError(
           f"{self.num_layers} layers do not split into {self.num_stages} pipeline stages: "
           f"make num_layers a multiple of num_stages.")
+    if self.num_layers % (self.num_stages * self.num_repeats):
+      raise ConfigError(
+          f"{self.num_layers} layers do not split into {self.num_stages} stages x "
+          f"{self.num_repeats} circular repeats: make num_layers a multiple of "
+          f"{self.num_stages * self.num_repeats} or use fewer repeats.")
     if self.num_microbatches < 1:
       raise ConfigError(
           f"num_microbatches must be at least 1, got {self.num_microbatches}; set it to a "
           f"divisor of the batch size.")
+    if self.num_repeats > 1 and self.num_stages > 1 and self.num_microbatches < self.num_stages:
+      raise ConfigError(
+          f"a circular pipeline needs at least as many microbatches as stages (a microbatch "
+          f"re-enters stage 0 M steps after it left it), got {self.num_microbatches} "
+          f"microbatches for {self.num_stages} stages: raise num_microbatches.")
     batch = x.shape[0]
     if batch % self.num_microbatches and not self.is_initializing():  # Init runs the scan.
       raise ConfigError(
@@ -199,13 +229,16 @@ class Pipeline(nn.Module):
     return y
 
   def _pipeline(self, x: jax.Array, args: Sequence[jax.Array], train: bool) -> jax.Array:
-    """GPipe over `num_stages` stages on the parameters made by `_scan`."""
-    stages, micro = self.num_stages, self.num_microbatches
-    per_stage = self.num_layers // stages
+    """GPipe (or its circular form) over `num_stages` stages on the parameters of `_scan`."""
+    stages, micro, repeats = self.num_stages, self.num_microbatches, self.num_repeats
+    per_chunk = self.num_layers // (stages * repeats)
     params = nn.unbox(self.variables["params"][LAYERS_AXIS])
-    # [L, ...] -> [P, L/P, ...]: stage s gets layers s*L/P ... (s+1)*L/P - 1, the
-    # contiguous block a layers->pipe sharding already puts on device s.
-    params = jax.tree.map(lambda p: p.reshape(stages, per_stage, *p.shape[1:]), params)
+    # [L, ...] -> [R, P, L/(RP), ...] -> [P, R, L/(RP), ...]: chunk c = r * P + s (layers
+    # c * L/(RP) ...) runs on stage s in repeat r. With R = 1 stage s gets the contiguous
+    # block a layers->pipe sharding already puts on device s.
+    params = jax.tree.map(
+        lambda p: jnp.swapaxes(p.reshape(repeats, stages, per_chunk, *p.shape[1:]), 0, 1),
+        params)
     layer = self.layer.clone(parent=None, name=None)
     dropout_key = self.make_rng("dropout") if train and self.has_rng("dropout") else None
 
@@ -214,19 +247,26 @@ class Pipeline(nn.Module):
     def run_stage(stage_params, stage, held, step):
       """Applies stage `stage`'s layers to the microbatch `held` it holds at `step`."""
       h, held_args = held[0], held[1:]
-      microbatch = step - stage  # out of range while filling or draining: unused output
+      # The item held here entered stage 0 at step - stage: its repeat and microbatch.
+      # Out of range while filling or draining: clipped, and the output is unused.
+      entry = step - stage
+      repeat = jnp.clip(entry // micro, 0, repeats - 1)
+      microbatch = jnp.mod(entry, micro)
+      chunk_params = jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, repeat, 0, False),
+                                  stage_params)
+      first_layer = (repeat * stages + stage) * per_chunk
 
       def run_layer(h, layer_in):
         layer_params, index = layer_in
         rngs = None
         if dropout_key is not None:
           # One key per (layer, microbatch): deterministic, independent of the schedule.
-          layer_key = jax.random.fold_in(dropout_key, stage * per_stage + index)
+          layer_key = jax.random.fold_in(dropout_key, first_layer + index)
           rngs = {"dropout": jax.random.fold_in(layer_key, microbatch)}
         h = layer.apply({"params": layer_params}, h, *held_args, train=train, rngs=rngs)
         return h, None
 
-      h, _ = lax.scan(run_layer, h, (stage_params, jnp.arange(per_stage)))
+      h, _ = lax.scan(run_layer, h, (chunk_params, jnp.arange(per_chunk)))
       return (h, *held_args)
 
     run_stages = jax.vmap(run_stage, in_axes=(0, 0, 0, None),
@@ -234,15 +274,22 @@ class Pipeline(nn.Module):
 
     def schedule_step(carry, step):
       held, outputs = carry
-      # Stage 0 takes microbatch `step`; past the last one it re-reads it, harmlessly.
-      fresh = jax.tree.map(lambda a: a[jnp.minimum(step, micro - 1)], inputs)
+      # Stage 0 takes entry `step`: microbatch step mod M, fresh in the first repeat and
+      # from the output buffer (the last stage's result for it) in later ones. Past the
+      # last entry it re-reads one, harmlessly.
+      slot = jnp.mod(step, micro)
+      fresh = jax.tree.map(lambda a: a[slot], inputs)
+      if repeats > 1:
+        again = (step >= micro) & (step < repeats * micro)
+        fresh = (jnp.where(again, outputs[slot], fresh[0]), *fresh[1:])
       held = jax.tree.map(lambda h, f: h.at[0].set(f), held, fresh)
       held = _constrain_stages(held)
       done = _constrain_stages(run_stages(params, jnp.arange(stages), held, step))
-      # The last stage finished microbatch step - (P - 1). While the pipeline fills that
-      # index is negative; its slot (mod M) is overwritten with the real result later.
-      slot = jnp.mod(step - (stages - 1), micro)
-      outputs = lax.dynamic_update_index_in_dim(outputs, done[0][stages - 1], slot, 0)
+      # The last stage finished entry step - (P - 1). While the pipeline fills that index
+      # is negative; its slot (mod M) is overwritten with a real result later. The buffer
+      # ends holding the last repeat's results.
+      finished = jnp.mod(step - (stages - 1), micro)
+      outputs = lax.dynamic_update_index_in_dim(outputs, done[0][stages - 1], finished, 0)
       # Shift: stage s + 1 gets what stage s produced (and its per-example args).
       held = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), done)
       return (held, outputs), None
@@ -254,5 +301,6 @@ class Pipeline(nn.Module):
     held = _constrain_stages(jax.tree.map(
         lambda a: jnp.broadcast_to(a[:1], (stages, *a.shape[1:])), inputs))
     outputs = jnp.zeros_like(inputs[0])
-    (_, outputs), _ = lax.scan(schedule_step, (held, outputs), jnp.arange(micro + stages - 1))
+    (_, outputs), _ = lax.scan(schedule_step, (held, outputs),
+                               jnp.arange(repeats * micro + stages - 1))
     return _from_microbatches(outputs)

@@ -405,9 +405,18 @@ def _pipelined_builder(spec: models.ModelSpec, config: ml_collections.ConfigDict
   if layers % stages:
     raise ConfigError(f"model.num_layers={layers} does not split into mesh pipe={stages} "
                       "pipeline stages; use a pipe size that divides the layer count")
+  repeats = config.parallel.pipeline_repeats
+  if repeats > 1 and layers % (stages * repeats):
+    raise ConfigError(f"model.num_layers={layers} does not split into mesh pipe={stages} "
+                      f"stages x parallel.pipeline_repeats={repeats}; use repeats that divide "
+                      f"{layers // stages}")
+  if repeats > 1 and microbatches < stages:
+    raise ConfigError(f"a circular pipeline (parallel.pipeline_repeats={repeats}) needs "
+                      f"parallel.microbatches >= mesh pipe={stages}, got {microbatches}")
 
   def build(*args: Any) -> Any:
-    return spec.build(*args).clone(num_stages=stages, num_microbatches=microbatches)
+    return spec.build(*args).clone(num_stages=stages, num_microbatches=microbatches,
+                                   num_repeats=repeats)
   return build
 
 
