@@ -147,7 +147,8 @@ def test_changed_search_space_is_refused_clearly(stopped, tmp_path):
   workdir = copy_of(stopped, tmp_path)
   config = tiny_search_config()
   config.model.backbone.max_channels = 12  # Other weight shapes than the checkpoint's.
-  with pytest.raises(CheckpointError, match=r"different model settings .*fresh --workdir"):
+  with pytest.raises(CheckpointError,
+                     match=r"different model settings; resuming would mix .* new --workdir"):
     search_architecture(config, workdir)
   assert json.loads((workdir / "config.json").read_text())["model"]["backbone"][
       "max_channels"] == 8  # The saved config was not overwritten.

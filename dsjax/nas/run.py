@@ -56,26 +56,9 @@ def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
   Raises:
     CheckpointError: config.json is unreadable, or a resume-invariant section changed.
   """
-  saved_path = workdir / "config.json"
-  if not saved_path.exists():
-    return  # The restore still refuses arrays of another shape.
-  try:
-    saved = json.loads(saved_path.read_text())
-  except json.JSONDecodeError as error:
-    raise CheckpointError(f"{saved_path} is not valid JSON ({error}); move the workdir "
-                          "aside or use a fresh --workdir") from error
-  current = json.loads(config.to_json())
-  saved_steps = saved["search"].get("steps") if isinstance(saved.get("search"), dict) else None
-  for section in (saved, current):
-    if isinstance(section.get("search"), dict):
-      section["search"] = {k: v for k, v in section["search"].items() if k != "steps"}
-  changed = [key for key in _RESUME_INVARIANT if saved.get(key) != current.get(key)]
-  if changed:
-    raise CheckpointError(
-        f"workdir {workdir} holds search checkpoints of a run with different "
-        f"{', '.join(changed)} settings (e.g. another search space or model); resuming would "
-        "mix two searches. Use a fresh --workdir, or restore the original settings (see "
-        f"{saved_path})")
+  saved = checkpoint.check_resumable(workdir, config, _RESUME_INVARIANT,
+                                     ignore={"search": ["steps"]})
+  saved_steps = (saved or {}).get("search", {}).get("steps")
   if saved_steps is not None and saved_steps != config.search.steps:
     log.warning("search.steps changed from %s to %d: the temperature, auxiliary-skip and "
                 "learning-rate schedules follow search.steps, so from here the search differs "

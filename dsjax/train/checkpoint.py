@@ -9,7 +9,9 @@ in the folder is deleted or overwritten.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +138,45 @@ def _check_match(state: Any, abstract: Any) -> None:
 def _first_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def check_resumable(workdir: Path, config: Any, sections: Sequence[str], *,
+                    ignore: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any] | None:
+  """Refuses to resume a workdir whose saved config differs in a resume-invariant section.
+
+  Args:
+    workdir: the run folder, holding the `config.json` of the run that checkpointed.
+    config: this invocation's ConfigDict.
+    sections: top-level config keys that must be unchanged (they give the checkpointed
+      arrays, the data positions and the objective their meaning).
+    ignore: keys inside those sections that may change, e.g. `{"search": ["steps"]}`.
+
+  Returns:
+    The saved config (for warnings about changed lengths), or None if there is none.
+
+  Raises:
+    CheckpointError: config.json is unreadable, or a section changed.
+  """
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return None  # The restore still refuses arrays of other shapes.
+  try:
+    saved = json.loads(saved_path.read_text())
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"{saved_path} is not valid JSON ({error}); move the workdir "
+                          "aside or use a new --workdir") from error
+  current = json.loads(config.to_json())
+
+  def section(tree: dict[str, Any], key: str) -> Any:
+    value = tree.get(key)
+    if isinstance(value, dict) and ignore and key in ignore:
+      value = {k: v for k, v in value.items() if k not in ignore[key]}
+    return value
+
+  changed = [key for key in sections if section(saved, key) != section(current, key)]
+  if changed:
+    raise CheckpointError(
+        f"workdir {workdir} holds checkpoints of a run with different {', '.join(changed)} "
+        "settings; resuming would mix two experiments. Use a new --workdir, or restore the "
+        f"original settings (see {saved_path})")
+  return saved

@@ -87,21 +87,9 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
 
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose saved config differs in a resume-invariant section."""
-  saved_path = workdir / "config.json"
-  if not saved_path.exists():
+  saved = checkpoint.check_resumable(workdir, config, _RESUME_INVARIANT)
+  if saved is None:
     return
-  try:
-    saved = json.loads(saved_path.read_text())
-  except json.JSONDecodeError as error:
-    raise CheckpointError(f"{saved_path} is not valid JSON ({error}); move the workdir "
-                          "aside or use a new --workdir") from error
-  current = json.loads(config.to_json())
-  changed = [key for key in _RESUME_INVARIANT if saved.get(key) != current.get(key)]
-  if changed:
-    raise CheckpointError(
-        f"workdir {workdir} holds checkpoints of a run with different {', '.join(changed)} "
-        "settings; resuming would mix two experiments. Use a new --workdir, or restore the "
-        f"original settings (see {saved_path})")
   saved_steps = saved.get("train", {}).get("steps")
   if (saved_steps != config.train.steps and config.optimizer.schedule == "cosine"
       and not config.optimizer.decay_steps):
