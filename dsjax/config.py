@@ -235,6 +235,8 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
           f"train.batch_size={train.batch_size} does not split into "
           f"train.grad_accum_steps={train.grad_accum_steps} equal micro-batches: "
           f"use a batch size divisible by {train.grad_accum_steps}")
+  check(config.logging.trace_after_steps >= 0,
+        f"logging.trace_after_steps must be >= 0, got {config.logging.trace_after_steps}")
   check(train.dropout_rng in DROPOUT_RNGS, f"train.dropout_rng must be one of "
         f"{', '.join(DROPOUT_RNGS)}, got {train.dropout_rng!r}")
   check(opt.name in OPTIMIZERS,
