@@ -183,6 +183,16 @@ def test_bert_trains_the_same_on_tensor_pipeline_and_fsdp_meshes(bert_reference,
     assert query.addressable_shards[0].data.shape[0] == 4 // mesh_sizes["pipe"]
 
 
+def test_bert_on_data_fsdp_model_needs_no_full_rematerialization(bert_reference, capfd):
+  """data x fsdp x model: the embedding lookup gathers the table's features (sharded on
+  fsdp, like the batch) first, so XLA's partitioner never falls back to replicating it
+  (it prints "Involuntary full rematerialization" when it does) and the step matches one
+  device."""
+  losses, _ = _bert_losses({"data": 2, "fsdp": 2, "model": 2}, steps=1)
+  assert "Involuntary full rematerialization" not in capfd.readouterr().err
+  np.testing.assert_allclose(losses, bert_reference[0][:1], rtol=2e-5)
+
+
 def test_resnet_with_batch_norm_trains_the_same_with_channels_on_model():
   """Conv kernels, biases and BatchNorm scales carry logical axes: on data x model the
   output channels (and BatchNorm's per-channel statistics) are split over `model`, and

@@ -205,7 +205,12 @@ class Embed(nn.Module):
   def __call__(self, ids: jax.Array) -> jax.Array:
     """Looks up integer `ids` [...]; returns [..., features] in the layer dtype."""
     dtype = layer_dtype(self, self.compute_dtype, self.plan)
-    out = jnp.take(self.embedding, ids, axis=0).astype(dtype)
+    # Gather the feature axis for the lookup (FSDP: parameters are gathered for compute).
+    # Left sharded, its mesh axis (fsdp) would shard the rows' features while the rows'
+    # batch axis is sharded over the same mesh axis, which XLA can only reconcile by
+    # replicating the whole lookup ("involuntary full rematerialization").
+    table = nn.with_logical_constraint(self.embedding, (self.embedding_axes[0], None))
+    out = jnp.take(table, ids, axis=0).astype(dtype)
     sow_stats(self, out)
     return out
 
