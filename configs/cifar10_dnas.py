@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
   backbone.kernel_sizes = (3, 5, 7)
   backbone.stem_channels = 32
   backbone.strides = (1, 2, 2)
+  backbone.batch_norm = True  # DARTS' ops are conv + BatchNorm; deep stacks need it.
   config.model.relaxation = "gumbel"
 
   config.search.steps = 20000

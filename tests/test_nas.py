@@ -7,6 +7,7 @@ Compilation dominates on CPU, so every search shares one model, one pair of opti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -295,3 +296,38 @@ def test_latency_table_and_expected_latency():
       lambda a: nas.expected_latency(a, space, table)))(arch)
   assert float(latency) == pytest.approx(table["block_0/conv_1x1"], rel=1e-3)
   assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_batch_norm_ops_search_derive_and_count(tmp_path):
+  """`batch_norm=True`: every conv op (and the stem) normalises before its activation.
+  A second-order search step updates the running statistics in the weight step only, the
+  relaxed cost at a one-hot architecture equals the derived one, and the derived network
+  has exactly the parameters its JSON states (BatchNorm scales and biases included)."""
+  space = dataclasses.replace(FULL_SPACE, batch_norm=True, depth_range=(2, 3),
+                              kernel_sizes=(3,))
+  model = Supernet(space, num_classes=10)
+  state = nas.create_search_state(model, WEIGHT_TX, ARCH_TX, INPUT, 0)
+  stats = state.model_state["batch_stats"]
+  assert "stem_bn" in stats and "bn" in stats["block_0"]["conv_3x3"]
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, *INPUT)).astype(np.float32),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+  step = jax.jit(nas.make_search_step(order=2, unroll_lr=0.1))
+  after, metrics = step(state, batch, batch, jax.random.PRNGKey(1))
+  assert np.isfinite(float(metrics["val_loss"])) and np.isfinite(float(metrics["train_loss"]))
+  assert not leaves_equal(after.model_state, state.model_state)
+
+  picks = [("sep_conv_3x3", 8, True), ("conv_3x3", 4, True), ("identity", 6, False)]
+  arch = forced_arch(space, picks)
+  architecture = nas.derive(arch, space, input_shape=INPUT, num_classes=10)
+  expected = jax.jit(lambda a: nas.expected_cost(a, space, INPUT, 10))(arch)
+  assert float(expected["params"]) == pytest.approx(architecture["params"], rel=1e-4)
+  path = nas.save_architecture(str(tmp_path), architecture)
+  model_config = {"backbone": {"type": "DNAS", **space.to_dict()}, "architecture": path}
+  derived = supernet.build_supernet(model_config, 10, jnp.float32)
+  variables = jax.jit(derived.init)(jax.random.PRNGKey(0), jnp.zeros((2, *INPUT)))
+  assert set(variables) == {"params", "batch_stats"}
+  assert supernet.count_params(variables["params"]) == architecture["params"]
+  without = {**model_config, "backbone": {**model_config["backbone"], "batch_norm": False}}
+  with pytest.raises(ConfigError, match="search_space.batch_norm"):
+    supernet.build_supernet(without, 10, jnp.float32)

@@ -87,6 +87,7 @@ class Op(nn.Module):
     activation: "relu", "silu" or "gelu", applied after convolutions.
     compute_dtype: compute dtype; parameters stay float32.
     plan: per-layer precision plan, or None.
+    batch_norm: BatchNorm between the convolution and the activation.
   """
 
   candidate: str
@@ -95,9 +96,10 @@ class Op(nn.Module):
   activation: str = "relu"
   compute_dtype: Any = jnp.float32
   plan: dsnn.PrecisionPlan | None = None
+  batch_norm: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     family, k = space_lib.op_family(self.candidate), space_lib.op_kernel(self.candidate)
     dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
@@ -112,6 +114,9 @@ class Op(nn.Module):
       y = dsnn.Conv(x.shape[-1], (k, k), strides=self.stride, use_bias=False,
                     feature_group_count=x.shape[-1], name="depthwise", **precision)(x)
       y = dsnn.Conv(self.features, (1, 1), name="pointwise", **precision)(y)
+    if self.batch_norm:
+      y = dsnn.BatchNorm(param_axis="conv_out", name="bn", **precision)(
+          y, use_running_average=not train)
     return getattr(nn, self.activation)(y)
 
 
@@ -148,7 +153,7 @@ class SearchBlock(nn.Module):
     y = jnp.zeros((), jnp.float32)
     for i, candidate in enumerate(candidates):
       out = Op(candidate, width, stride, space.activation, self.compute_dtype, self.plan,
-               name=candidate)(x)
+               space.batch_norm, name=candidate)(x, train)
       y = y + op_weights[i] * out.astype(jnp.float32)
     if stride == 1:
       # DARTS- auxiliary skip: a decaying identity path outside the mixture, so skip ops
@@ -170,11 +175,12 @@ class DiscreteBlock(nn.Module):
   activation: str = "relu"
   compute_dtype: Any = jnp.float32
   plan: dsnn.PrecisionPlan | None = None
+  batch_norm: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return Op(self.choice.op, self.choice.channels, self.stride, self.activation,
-              self.compute_dtype, self.plan, name=self.choice.op)(x)
+              self.compute_dtype, self.plan, self.batch_norm, name=self.choice.op)(x, train)
 
 
 class Supernet(nn.Module):
@@ -203,7 +209,9 @@ class Supernet(nn.Module):
 
     Args:
       images: NHWC float images.
-      train: sample Gumbel noise (rng stream "gumbel") for the Gumbel relaxations.
+      train: sample Gumbel noise (rng stream "gumbel") for the Gumbel relaxations, and
+        normalise with batch statistics (updating "batch_stats") when the space has
+        batch_norm.
       temperature: relaxation temperature; may be traced (a schedule's value).
       aux_skip: weight of the DARTS- auxiliary skip path in stride-1 search blocks.
     """
@@ -214,6 +222,9 @@ class Supernet(nn.Module):
     space, x = self.space, images
     if space.stem_channels:
       x = dsnn.Conv(space.stem_channels, (3, 3), name="stem", **precision)(x)
+      if space.batch_norm:
+        x = dsnn.BatchNorm(param_axis="conv_out", name="stem_bn", **precision)(
+            x, use_running_average=not train)
       x = getattr(nn, space.activation)(x)
     if self.architecture is not None and len(self.architecture) != space.num_blocks:
       raise ValueError(f"architecture has {len(self.architecture)} blocks, the search space "
@@ -224,7 +235,8 @@ class Supernet(nn.Module):
             x, train=train, temperature=temperature, aux_skip=aux_skip)
       elif self.architecture[index].kept:
         x = DiscreteBlock(self.architecture[index], space.stride(index), space.activation,
-                          name=f"block_{index}", **precision)(x)
+                          batch_norm=space.batch_norm, name=f"block_{index}", **precision)(
+                              x, train)
     if space.head == "none":
       return x.astype(jnp.float32)
     if space.head == "pool":

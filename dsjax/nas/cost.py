@@ -31,7 +31,8 @@ from dsjax.nas.space import SearchSpace
 Cost = dict[str, Any]
 
 
-def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int) -> tuple[Any, Any]:
+def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int,
+            batch_norm: bool = False) -> tuple[Any, Any]:
   """Returns (flops, params) of one op; works on Python numbers and traced arrays alike.
 
   Args:
@@ -39,16 +40,20 @@ def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int) -> tuple[Any, An
     c_in: input channels (or their expectation).
     c_out: output channels (or their expectation).
     out_hw: output height x width.
+    batch_norm: the op ends in a BatchNorm (scale and bias per output channel; its
+      FLOPs are not counted, as bias adds are not).
 
   Returns:
     FLOPs (2 x MACs) and parameter count.
   """
   family, k = space_lib.op_family(candidate), space_lib.op_kernel(candidate)
+  norm = 2 * c_out if batch_norm else 0
   if family == "conv":
-    return 2 * out_hw * k * k * c_in * c_out, k * k * c_in * c_out + c_out
+    return 2 * out_hw * k * k * c_in * c_out, k * k * c_in * c_out + c_out + norm
   if family == "sep_conv":
     # Depthwise (no bias) then pointwise (with bias).
-    return 2 * out_hw * (k * k * c_in + c_in * c_out), k * k * c_in + c_in * c_out + c_out
+    return (2 * out_hw * (k * k * c_in + c_in * c_out),
+            k * k * c_in + c_in * c_out + c_out + norm)
   return 0 * c_out, 0 * c_out  # identity, zero
 
 
@@ -60,7 +65,7 @@ def _stem_and_head(space: SearchSpace, input_shape: Sequence[int], num_classes: 
   c_in = channels
   if space.stem_channels:
     flops = 2 * height * width * 9 * channels * space.stem_channels
-    params = 9 * channels * space.stem_channels + space.stem_channels
+    params = (9 * channels + 1 + 2 * space.batch_norm) * space.stem_channels
     c_in = space.stem_channels
   if space.head == "none":
     return flops, params, c_in
@@ -95,7 +100,7 @@ def expected_cost(arch: Mapping[str, Any], space: SearchSpace, input_shape: Sequ
     c_out = relax_lib.probabilities(block["channel_logits"]) @ widths
     keep = relax_lib.probabilities(block["depth_logits"])[1] if space.optional(index) else 1.0
     for i, candidate in enumerate(space.candidates(index)):
-      f, p = op_cost(candidate, c_in, c_out, height * width)
+      f, p = op_cost(candidate, c_in, c_out, height * width, space.batch_norm)
       flops, params = flops + keep * p_op[i] * f, params + keep * p_op[i] * p
     c_in = keep * c_out + (1.0 - keep) * c_in
   f, p, _ = _stem_and_head(space, input_shape, num_classes, c_in)
@@ -120,7 +125,7 @@ def exact_cost(choices: Sequence[Any], space: SearchSpace, input_shape: Sequence
   flops = params = 0
   for choice, (height, width) in zip(choices, sizes, strict=True):
     if choice.kept:
-      f, p = op_cost(choice.op, c_in, choice.channels, height * width)
+      f, p = op_cost(choice.op, c_in, choice.channels, height * width, space.batch_norm)
       flops, params, c_in = flops + f, params + p, choice.channels
   f, p, _ = _stem_and_head(space, input_shape, num_classes, c_in)
   return {"flops": int(flops + f), "params": int(params + p)}
@@ -224,7 +229,8 @@ def measure_latency_table(space: SearchSpace, input_shape: Sequence[int], batch_
     for candidate in space.candidates(index):
       key = (candidate, shape, space.stride(index))
       if key not in cache:
-        op = Op(candidate, space.max_channels, space.stride(index), space.activation)
+        op = Op(candidate, space.max_channels, space.stride(index), space.activation,
+                batch_norm=space.batch_norm)
         x = jnp.ones(shape, jnp.float32)
         variables = op.init(jax.random.PRNGKey(0), x)
         fn = jax.jit(op.apply)

@@ -31,7 +31,7 @@ FORMAT = "dsjax-dnas-architecture"
 VERSION = 1
 # Fields that shape the network outside the blocks: a file searched with other values
 # describes a different network than the one the run would build.
-_STRUCTURAL = ("stem_channels", "strides", "head", "depth_range")
+_STRUCTURAL = ("stem_channels", "strides", "head", "depth_range", "batch_norm")
 
 
 def _softmax(logits: Any) -> np.ndarray:

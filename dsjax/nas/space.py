@@ -64,6 +64,8 @@ class SearchSpace:
     activation: nonlinearity after every convolution op and the stem; "silu" and "gelu"
       are smooth, which second-order gradients (and their finite-difference checks) need
       to be well defined.
+    batch_norm: BatchNorm between every convolution op (and the stem) and its
+      activation, as DARTS' ops have; its statistics live in "batch_stats".
   """
 
   min_channels: int = 16
@@ -76,6 +78,7 @@ class SearchSpace:
   strides: tuple[int, ...] = ()
   head: str = "pool"
   activation: str = "relu"
+  batch_norm: bool = False
 
   def __post_init__(self) -> None:
     for name in ("depth_range", "kernel_sizes", "ops", "strides"):
