@@ -24,6 +24,13 @@ if [ "${TESTS:-1}" = 1 ]; then
     tests/test_pallas_matmul.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
 fi
 
+# XLA:GPU replays most of a step as CUDA graphs ("command buffers"); their kernels then
+# name the graph, not the HLO instruction. Off by default here so that the kernel ranking
+# names instructions (COMMAND_BUFFERS=1 keeps them, for timings closer to a normal run).
+if [ "${COMMAND_BUFFERS:-0}" = 0 ]; then
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
+fi
+
 for preset in $PRESETS; do
   echo "== $MODEL $preset: batch $BATCH, $STEPS traced steps"
   rm -rf "/tmp/prof_$preset"
