@@ -300,7 +300,7 @@ def test_latency_table_and_expected_latency():
 
 def test_batch_norm_ops_search_derive_and_count(tmp_path):
   """`batch_norm=True`: every conv op (and the stem) normalises before its activation.
-  A second-order search step updates the running statistics in the weight step only, the
+  A search step updates the running statistics (in its weight step), the
   relaxed cost at a one-hot architecture equals the derived one, and the derived network
   has exactly the parameters its JSON states (BatchNorm scales and biases included)."""
   space = dataclasses.replace(FULL_SPACE, batch_norm=True, depth_range=(2, 3),
@@ -312,7 +312,7 @@ def test_batch_norm_ops_search_derive_and_count(tmp_path):
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(8, *INPUT)).astype(np.float32),
            "label": rng.integers(0, 10, 8).astype(np.int32)}
-  step = jax.jit(nas.make_search_step(order=2, unroll_lr=0.1))
+  step = jax.jit(nas.make_search_step())
   after, metrics = step(state, batch, batch, jax.random.PRNGKey(1))
   assert np.isfinite(float(metrics["val_loss"])) and np.isfinite(float(metrics["train_loss"]))
   assert not leaves_equal(after.model_state, state.model_state)
