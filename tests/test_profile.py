@@ -178,3 +178,20 @@ def test_communication_share_from_a_trace(tmp_path):
   assert sum(ops["classes"].values()) == pytest.approx(ops["op_seconds"])
   assert ops["classes"]["matmul"] > 0  # The dots (CPU names them dot/ynn_fusion).
   assert trace.op_breakdown(tmp_path / "empty") == {}
+
+
+def test_kernel_classes_from_h200_kernel_names():
+  """Names as an H200 trace records them (docs/gpu/profile_mixed_h200*.txt)."""
+  from dsjax.profile import trace
+
+  classes = {name: trace.kernel_class(name) for name in (
+      "nvjet_sm90_hss_128x128_64x6_2x1_v_bz_NNT", "sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n",
+      "gemm_fusion_dot_29", "memcpy128", "loop_dynamic_update_slice_fusion_30", "copy.1",
+      "loop_convert_fusion", "convert_bitcast_fusion", "triton_softmax_8", "loop_add_fusion_1",
+      "convolution.3")}
+  assert classes == {
+      "nvjet_sm90_hss_128x128_64x6_2x1_v_bz_NNT": "matmul",
+      "sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n": "matmul", "gemm_fusion_dot_29": "matmul",
+      "memcpy128": "copy", "loop_dynamic_update_slice_fusion_30": "copy", "copy.1": "copy",
+      "loop_convert_fusion": "other", "convert_bitcast_fusion": "other",
+      "triton_softmax_8": "other", "loop_add_fusion_1": "other", "convolution.3": "matmul"}

@@ -26,7 +26,8 @@ _COLLECTIVE = re.compile(r"^%?(" + "|".join(COLLECTIVE_KINDS) + r"|nccl)", re.IG
 # slice updates (scan stacking, layout changes), and everything else (fused elementwise
 # and reduction kernels, mostly memory-bound).
 _KERNEL_CLASSES = (
-    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|^dot|ynn_fusion|conv", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|cudnn|^dot|ynn_fusion|conv(?!ert)",
+                          re.I)),
     ("copy", re.compile(r"memcpy|memset|dynamic.update.slice|dynamic.slice|^copy", re.I)),
 )
 
@@ -106,6 +107,11 @@ def _add(totals: dict[str, list], name: str, seconds: float, event: Any) -> None
     row[2] = _stats(event)
 
 
+def kernel_class(name: str) -> str:
+  """"matmul", "copy" or "other" for a kernel or instruction name (see `op_breakdown`)."""
+  return next((kind for kind, pattern in _KERNEL_CLASSES if pattern.search(name)), "other")
+
+
 def op_breakdown(trace_dir: str | Path, top: int = 25) -> dict[str, Any]:
   """Device time by compiled program, XLA instruction and kernel, from a trace.
 
@@ -171,8 +177,7 @@ def op_breakdown(trace_dir: str | Path, top: int = 25) -> dict[str, Any]:
       row[1] += seconds
   classes = dict.fromkeys(["matmul", "copy", "other"], 0.0)
   for name, (_, seconds, _) in (kernels or ops).items():
-    kind = next((k for k, pattern in _KERNEL_CLASSES if pattern.search(name)), "other")
-    classes[kind] += seconds
+    classes[kernel_class(name)] += seconds
   op_seconds = float(np.sum([row[1] for row in ops.values()]))
   kernel_seconds = float(np.sum([row[1] for row in kernels.values()]))
   module_seconds = float(np.sum([row[1] for row in modules.values()]))
