@@ -20,9 +20,11 @@ ARGS = ["--config", "configs/digits_cnn.py:tiny", "--steps", "3", "--batch-size"
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
+  # conftest's fast-compile flags, with this process's own device count.
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
 
 def _free_port() -> int:
