@@ -194,9 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     first_batch = global_batch(train_iter.batch(start_step))
     rng = jax.device_put(state.rng, sharding.replicated(mesh))
     density = plans.density(start_step)
-    compiled = plans.compile(state, first_batch, rng, density=density)
-    if plans.collects(start_step):  # The controller's statistics variant, too.
-      plans.compile(state, first_batch, rng, collect_stats=True, density=density)
+    if plans.collects(start_step):  # The controller's statistics variant.
+      compiled = plans.compile(state, first_batch, rng, collect_stats=True, density=density)
+    if not plans.collects_every_step():  # The plain step (the one memory is reported for).
+      compiled = plans.compile(state, first_batch, rng, density=density)
     memory = profile.memory_report(compiled, state.params, state.opt_state)
     collectives = profile.collective_bytes(compiled)
     if grad_compression is not None:

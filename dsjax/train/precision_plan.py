@@ -119,6 +119,10 @@ class PlanRuntime:
     return (step_index is None or self._matmul_flops is None
             or (step_index + 1) % self.check_every == 0)
 
+  def collects_every_step(self) -> bool:
+    """Whether every step returns statistics (then the plain step is never compiled)."""
+    return self.controller is not None and self.check_every == 1
+
   def step(self, state: TrainState, batch: dict[str, Any], rng: jax.Array,
            step_index: int | None = None):
     """Runs the compiled step of the current plan (compiling it on first use).
