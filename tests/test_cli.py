@@ -62,8 +62,10 @@ def test_profile_command_writes_a_report(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
-  args = ["--model", "cnn-digits", "--steps", "300", "--batch-size", "32",
-          "--config.checkpoint.every_steps=25", "--config.train.log_every_steps=25"]
+  # The tiny CNN: 300 steps take about a second, checkpoints every 50 leave a window of
+  # five saves to be killed in; start-up and compilation are most of each run.
+  args = [TINY, "--steps", "300", "--batch-size", "32", "--config.checkpoint.every_steps=50",
+          "--config.train.log_every_steps=50", "--config.train.eval_every_steps=300"]
   straight = run_cli(*args, "--workdir", str(tmp_path / "straight"))
   assert straight.returncode == 0, straight.stderr
 
