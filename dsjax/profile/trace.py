@@ -11,6 +11,7 @@ to read when MFU is low.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,29 @@ def newest_trace(trace_dir: str | Path) -> Path | None:
   return files[-1] if files else None
 
 
+@functools.lru_cache(maxsize=1)
+def _read(path: str, mtime: float) -> Any:
+  """The parsed trace; cached so that the several readings of one report parse it once."""
+  import jax  # noqa: PLC0415 - only traces need it.
+
+  del mtime  # Part of the cache key only: a rewritten file is read again.
+  return jax.profiler.ProfileData.from_file(path)
+
+
+def _xla_lines(trace_dir: str | Path) -> tuple[list[Any], bool] | None:
+  """The trace lines that record compiled programs, and whether they are host (CPU)
+  threads rather than device planes' lines; None if the folder holds no trace."""
+  path = newest_trace(trace_dir)
+  if path is None:
+    return None
+  data = _read(str(path), path.stat().st_mtime)
+  planes = [p for p in data.planes if p.name.startswith("/device:")]
+  if planes:
+    return [line for plane in planes for line in plane.lines], False
+  return [line for plane in data.planes if plane.name.startswith("/host:CPU")
+          for line in plane.lines if line.name.startswith(_HOST_XLA_THREADS)], True
+
+
 def communication_share(trace_dir: str | Path) -> dict[str, Any]:
   """Time in collective instructions against time in all XLA instructions of a trace.
 
@@ -51,31 +75,22 @@ def communication_share(trace_dir: str | Path) -> dict[str, Any]:
     `{"collective_s", "instruction_s", "share", "by_kind": {kind: seconds}}`; empty if the
     folder holds no trace or the trace has no instruction events.
   """
-  import jax  # noqa: PLC0415 - only traces need it.
-
-  path = newest_trace(trace_dir)
-  if path is None:
+  lines = _xla_lines(trace_dir)
+  if lines is None:
     return {}
-  data = jax.profiler.ProfileData.from_file(str(path))
-  planes = [p for p in data.planes if p.name.startswith("/device:")]
-  planes = planes or [p for p in data.planes if p.name.startswith("/host:CPU")]
   total = 0.0
   by_kind = dict.fromkeys(COLLECTIVE_KINDS, 0.0)
-  for plane in planes:
-    for line in plane.lines:
-      if plane.name.startswith("/host") and not line.name.startswith(_HOST_XLA_THREADS):
+  for line in lines[0]:
+    for event in line.events:
+      name = event.name
+      if not _INSTRUCTION.match(name) and not name.lower().startswith("nccl"):
         continue
-      for event in line.events:
-        name = event.name
-        if not _INSTRUCTION.match(name) and not name.lower().startswith("nccl"):
-          continue
-        seconds = event.duration_ns * 1e-9
-        total += seconds
-        match = _COLLECTIVE.match(name)
-        if match:
-          kind = next((k for k in COLLECTIVE_KINDS if name.lstrip("%").startswith(k)),
-                      "all-reduce")  # NCCL kernels: counted with the reductions.
-          by_kind[kind] += seconds
+      seconds = event.duration_ns * 1e-9
+      total += seconds
+      if _COLLECTIVE.match(name):
+        kind = next((k for k in COLLECTIVE_KINDS if name.lstrip("%").startswith(k)),
+                    "all-reduce")  # NCCL kernels: counted with the reductions.
+        by_kind[kind] += seconds
   if total == 0:
     return {}
   collective = sum(by_kind.values())
@@ -134,41 +149,33 @@ def op_breakdown(trace_dir: str | Path, top: int = 25) -> dict[str, Any]:
     kernel (or, on CPU, instruction) seconds into "matmul", "copy" and "other". Empty if
     the folder holds no trace.
   """
-  import jax  # noqa: PLC0415 - only traces need it.
-
-  path = newest_trace(trace_dir)
-  if path is None:
+  found = _xla_lines(trace_dir)
+  if found is None:
     return {}
-  data = jax.profiler.ProfileData.from_file(str(path))
-  planes = [p for p in data.planes if p.name.startswith("/device:")]
-  on_host = not planes
-  planes = planes or [p for p in data.planes if p.name.startswith("/host:CPU")]
+  lines, on_host = found
   modules: dict[str, list] = {}
   ops: dict[str, list] = {}
   kinds: dict[str, list] = {}
   kernels: dict[str, list] = {}
   kernel_ops: dict[str, list] = {}
-  for plane in planes:
-    for line in plane.lines:
-      if line.name == "XLA Modules":
-        for event in line.events:
-          _add(modules, event.name, event.duration_ns * 1e-9, event)
-        continue
-      if on_host and not line.name.startswith(_HOST_XLA_THREADS):
-        continue  # Python, tracing and compiler threads.
-      is_ops = line.name == "XLA Ops" or on_host
+  for line in lines:
+    if line.name == "XLA Modules":
       for event in line.events:
-        seconds = event.duration_ns * 1e-9
-        if is_ops:
-          if not _INSTRUCTION.match(event.name):
-            continue
-          _add(ops, event.name.lstrip("%"), seconds, event)
-          _add(kinds, re.sub(r"(\.\d+)+$", "", event.name.lstrip("%")), seconds, event)
-        elif not line.name.startswith(("XLA", "Steps", "Framework", "Source")):
-          _add(kernels, event.name, seconds, event)
-          hlo_op = next((str(v) for k, v in event.stats if k == "hlo_op"), None)
-          if hlo_op:  # Instructions seen through their kernels (no "XLA Ops" line).
-            _add(kernel_ops, hlo_op, seconds, event)
+        _add(modules, event.name, event.duration_ns * 1e-9, event)
+      continue
+    is_ops = line.name == "XLA Ops" or on_host
+    for event in line.events:
+      seconds = event.duration_ns * 1e-9
+      if is_ops:
+        if not _INSTRUCTION.match(event.name):
+          continue
+        _add(ops, event.name.lstrip("%"), seconds, event)
+        _add(kinds, re.sub(r"(\.\d+)+$", "", event.name.lstrip("%")), seconds, event)
+      elif not line.name.startswith(("XLA", "Steps", "Framework", "Source")):
+        _add(kernels, event.name, seconds, event)
+        hlo_op = next((str(v) for k, v in event.stats if k == "hlo_op"), None)
+        if hlo_op:  # Instructions seen through their kernels (no "XLA Ops" line).
+          _add(kernel_ops, hlo_op, seconds, event)
   if not ops:
     ops = kernel_ops
     for name, (count, seconds, stats) in kernel_ops.items():
