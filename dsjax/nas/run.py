@@ -170,12 +170,12 @@ def search_architecture(config: ml_collections.ConfigDict, workdir: str | Path, 
                                          max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
   try:
-    return _search(config, workdir, checkpointer, stop_after)
+    return _search(config, spec, workdir, checkpointer, stop_after)
   finally:
     checkpointer.close()
 
 
-def _search(config: ml_collections.ConfigDict, workdir: Path,
+def _search(config: ml_collections.ConfigDict, spec: models.ModelSpec, workdir: Path,
             checkpointer: checkpoint.Checkpointer, stop_after: int | None) -> dict[str, Any]:
   """The body of `search_architecture`, with the checkpointer open (see there)."""
   latest = checkpointer.latest_step()
@@ -195,8 +195,7 @@ def _search(config: ml_collections.ConfigDict, workdir: Path,
   val_iter = data.BatchIterator(val_half, batch_size, seed=config.seed + 1)
 
   policy = precision.get_policy(config.precision.policy)
-  model = models.get_spec(config.model.name).build(config.model, dataset.num_classes,
-                                                   policy.compute_dtype)
+  model = spec.build(config.model, dataset.num_classes, policy.compute_dtype)
   search_space = space.from_config(config.model.backbone)
   weight_tx, _ = build_optimizer(config.optimizer, steps)
   arch_tx = search.arch_optimizer(search_config.arch_learning_rate,
