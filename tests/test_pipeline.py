@@ -17,7 +17,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 from dsjax.errors import ConfigError
-from dsjax.parallel.pipeline import Pipeline, bubble_fraction
+from dsjax.parallel.pipeline import CircularLayout, Pipeline, bubble_fraction
+from dsjax.profile import hlo
 
 HIDDEN, LAYERS, BATCH, SEQ = 8, 8, 8, 2
 RULES = (("layers", "pipe"), ("stages", "pipe"), ("batch", "data"))
@@ -102,6 +103,26 @@ def test_parameter_layout_is_the_layer_scan(setup):
   _assert_close(nn.unbox(pipelined), nn.unbox(boxed), tol=0)
 
 
+def test_circular_parameter_layout(setup):
+  """R > 1 stores [P, R, L/(RP), ...] with the stage axis first: the scan's values, chunk
+  r * P + s at [s, r], and `CircularLayout` converts both ways exactly."""
+  x, mask, _, boxed = setup
+  circular = jit(_pipeline(4, 4, num_repeats=2).init)(jax.random.key(0), x, mask)
+  kernel = circular["params"]["layers"]["Dense_0"]["kernel"]
+  assert kernel.value.shape == (4, 2, 1, HIDDEN, HIDDEN)
+  assert kernel.names == ("stages", None, None, "embed", "mlp")
+  scan_kernel = nn.unbox(boxed)["params"]["layers"]["Dense_0"]["kernel"]
+  # Stage 1, repeat 1 runs chunk 1 * 4 + 1 = 5: layer 5 of 8.
+  np.testing.assert_array_equal(kernel.value[1, 1, 0], scan_kernel[5])
+  layout = CircularLayout(4, 2)
+  _assert_close(layout.to_scan(nn.unbox(circular)), nn.unbox(boxed), tol=0)
+  _assert_close(layout.from_scan(nn.unbox(boxed)), nn.unbox(circular), tol=0)
+  with pytest.raises(ConfigError, match="not in the circular layout of 2 stages x 2 repeats"):
+    CircularLayout(2, 2).to_scan(nn.unbox(circular))
+  with pytest.raises(ConfigError, match="does not split into 3 pipeline stages x 2"):
+    CircularLayout(3, 2).from_scan(nn.unbox(boxed))
+
+
 @pytest.mark.parametrize("num_stages,num_microbatches,remat,num_repeats", [
     (2, 2, False, 1), (2, 4, False, 1), (4, 4, False, 1), (4, 8, True, 1),
     # Circular: 2 stages x 2 repeats of 2-layer chunks (M = P, each microbatch re-enters
@@ -112,8 +133,14 @@ def test_pipeline_matches_scan(setup, expected, num_stages, num_microbatches, re
                                num_repeats):
   x, mask, weights, boxed = setup
   model = _pipeline(num_stages, num_microbatches, remat=remat, num_repeats=num_repeats)
-  actual = jit(_step(model, weights))(nn.unbox(boxed)["params"], x, mask)
-  _assert_close(actual, expected)
+  layout = CircularLayout(num_stages, num_repeats)  # R = 1: stored in the scan layout.
+  params = nn.unbox(boxed)["params"]
+  if num_repeats > 1:
+    params = layout.from_scan(params)
+  out, grad_params, grad_x = jit(_step(model, weights))(params, x, mask)
+  if num_repeats > 1:
+    grad_params = layout.to_scan(grad_params)
+  _assert_close((out, grad_params, grad_x), expected)
 
 
 def test_dropout_is_deterministic_and_active(setup, expected):
@@ -131,9 +158,14 @@ def test_dropout_is_deterministic_and_active(setup, expected):
 
 @pytest.mark.parametrize("num_repeats", [1, 2])
 def test_sharded_pipeline_on_mesh(setup, expected, num_repeats):
-  """4 stages on pipe x 2-way data; with 2 circular repeats each device's contiguous
-  parameter block holds chunks of two stages, which XLA moves to where they run."""
+  """4 stages on pipe x 2-way data. Each pipe device holds the parameters its stage runs
+  (with 2 circular repeats, chunks s and s + 4), so no parameter moves between pipe
+  devices: the only collectives are the stage shift and the data-parallel gradient sum."""
   x, mask, weights, boxed = setup
+  model = _pipeline(4, 4, num_repeats=num_repeats)
+  layout = CircularLayout(4, num_repeats)
+  if num_repeats > 1:
+    boxed = jit(model.init)(jax.random.key(0), x, mask)
   params = nn.unbox(boxed)["params"]
 
   mesh = jax.make_mesh((4, 2), ("pipe", "data"), axis_types=(AxisType.Auto,) * 2)
@@ -141,20 +173,24 @@ def test_sharded_pipeline_on_mesh(setup, expected, num_repeats):
       nn.get_partition_spec(jax.eval_shape(lambda: boxed)), mesh, RULES)["params"]
   batch_sharding = NamedSharding(mesh, jax.P("data"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-    step = jit(_step(_pipeline(4, 4, num_repeats=num_repeats), weights),
-                   in_shardings=(param_shardings, batch_sharding, batch_sharding),
-                   out_shardings=(batch_sharding, param_shardings, batch_sharding))
+    step = jit(_step(model, weights),
+               in_shardings=(param_shardings, batch_sharding, batch_sharding),
+               out_shardings=(batch_sharding, param_shardings, batch_sharding))
     sharded = jax.device_put(params, param_shardings)
     compiled = step.lower(sharded, x, mask).compile()
-    actual = compiled(sharded, jax.device_put(x, batch_sharding),
-                      jax.device_put(mask, batch_sharding))
+    out, grad_params, grad_x = compiled(sharded, jax.device_put(x, batch_sharding),
+                                        jax.device_put(mask, batch_sharding))
 
-  _assert_close(actual, expected)
+  if num_repeats > 1:
+    grad_params = layout.to_scan(grad_params)
+  _assert_close((out, grad_params, grad_x), expected)
   kernel = sharded["layers"]["Dense_0"]["kernel"]
-  assert kernel.addressable_shards[0].data.shape == (LAYERS // 4, HIDDEN, HIDDEN)
-  assert actual[1]["layers"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == (
-      LAYERS // 4, HIDDEN, HIDDEN)
-  assert "collective-permute" in compiled.as_text()
+  local = (LAYERS // 4, HIDDEN, HIDDEN) if num_repeats == 1 else (1, 2, 1, HIDDEN, HIDDEN)
+  assert kernel.addressable_shards[0].data.shape == local
+  assert kernel.addressable_shards[0].data.shape == local
+  moved = hlo.collective_bytes(compiled)
+  assert moved["collective-permute"] > 0
+  assert moved["all-gather"] == moved["all-to-all"] == 0, moved
 
 
 @pytest.mark.parametrize("kwargs,batch,message", [

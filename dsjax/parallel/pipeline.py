@@ -22,12 +22,16 @@ interleaved schedule): the stack is cut into R * P chunks of L / (R P) layers, c
 runs on stage c mod P, and each microbatch goes round the ring of stages R times: after
 the last stage it waits in the output buffer and re-enters stage 0 M steps after its
 previous entry (so M >= P). The schedule takes R M + P - 1 steps of 1/R the work each:
-the bubble shrinks from (P - 1)/(M + P - 1) to (P - 1)/(R M + P - 1). The parameters keep
-the scan layout, whose `layers -> pipe` sharding gives each device a contiguous block of
-layers, while stage s needs the strided chunks s, s + P, ...: with R > 1 XLA moves the
-stacked parameters (and their gradients) between the pipe devices each step. The repeat
-pays off when the bubble costs more than that transfer (activations large against the
-layers' parameters).
+the bubble shrinks from (P - 1)/(M + P - 1) to (P - 1)/(R M + P - 1).
+
+Stage s needs the strided chunks s, s + P, ..., which a `layers -> pipe` sharding of the
+scan layout does not put on one device: every step would move the stacked parameters
+(and their gradients) between the pipe devices. So a circular pipeline keeps its
+parameters in the *circular layout* `CircularLayout`: every leaf [P, R, L/(RP), ...]
+(logical axes "stages", None, None, ...), chunk r * P + s at [s, r], and each pipe device
+holds exactly the chunks its stage runs. Checkpoints stay in the scan layout: the trainer's
+`Checkpointer` converts on save and restore (`CircularLayout.to_scan`/`from_scan`), so a
+circular run resumes on any mesh and pipeline settings, and back.
 """
 
 from __future__ import annotations
@@ -74,6 +78,95 @@ def bubble_fraction(num_stages: int, num_microbatches: int, num_repeats: int = 1
 
 
 @functools.cache
+@dataclasses.dataclass(frozen=True)
+class CircularLayout:
+  """The circular pipeline's parameter layout, and conversions from and to the scan's.
+
+  Scan layout: every stacked leaf [L, ...], logical axes ("layers", ...). Circular layout:
+  [P, R, L/(RP), ...], logical axes ("stages", None, None, ...), chunk r * P + s (layers
+  (r P + s) L/(RP) ...) at [s, r]. Both sharded on `pipe` by their first axis, the circular
+  one gives each device the chunks its stage runs.
+
+  The tree methods convert every leaf under a "layers" key, wherever it sits, so they take
+  whole train states: the optimizer moments and any other parameter-shaped buffers move
+  with the parameters.
+  """
+
+  num_stages: int
+  num_repeats: int
+
+  def to_scan(self, tree: Any) -> Any:
+    """Circular -> scan layout, for every leaf under a "layers" key."""
+    return _map_stacked(self._leaf_to_scan, tree)
+
+  def from_scan(self, tree: Any) -> Any:
+    """Scan -> circular layout, for every leaf under a "layers" key."""
+    return _map_stacked(self._leaf_from_scan, tree)
+
+  def scan_abstract(self, tree: Any) -> Any:
+    """The scan-layout `jax.ShapeDtypeStruct`s (with shardings) of an abstract state.
+
+    A leaf's sharding keeps its stage axis's mesh axes on the merged layer axis: a
+    contiguous layers -> pipe sharding, as the scan layout is sharded.
+    """
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+      shape = (x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:])
+      sharding = getattr(x, "sharding", None)
+      if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(spec[0], *spec[3:]))
+      return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+    return _map_stacked(leaf, tree)
+
+  def _leaf_to_scan(self, x: Any) -> Any:
+    if isinstance(x, nn.Partitioned):
+      return x.replace(value=self._leaf_to_scan(x.value), names=(LAYERS_AXIS, *x.names[3:]))
+    if x.shape[:2] != (self.num_stages, self.num_repeats):
+      raise ConfigError(
+          f"a stacked parameter of shape {x.shape} is not in the circular layout of "
+          f"{self.num_stages} stages x {self.num_repeats} repeats; it was made with other "
+          "pipeline settings: use the pipe size and parallel.pipeline_repeats it was made with")
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
+
+  def _leaf_from_scan(self, x: Any) -> Any:
+    if isinstance(x, nn.Partitioned):
+      return x.replace(value=self._leaf_from_scan(x.value),
+                       names=(STAGES_AXIS, None, None, *x.names[1:]))
+    chunks = self.num_stages * self.num_repeats
+    if not x.shape or x.shape[0] % chunks:
+      raise ConfigError(
+          f"a stack of {x.shape[:1]} layers does not split into {self.num_stages} pipeline "
+          f"stages x {self.num_repeats} circular repeats: make the layer count a multiple "
+          f"of {chunks}")
+    x = x.reshape(self.num_repeats, self.num_stages, -1, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  def _leaves_to_scan(self, tree: Any) -> Any:
+    return jax.tree.map(self._leaf_to_scan, tree, is_leaf=_is_box)
+
+  def _leaves_from_scan(self, tree: Any) -> Any:
+    return jax.tree.map(self._leaf_from_scan, tree, is_leaf=_is_box)
+
+
+def circular_layout(num_stages: int, num_repeats: int) -> CircularLayout | None:
+  """The layout a `Pipeline` with these settings keeps its parameters in; None: scan's."""
+  return CircularLayout(num_stages, num_repeats) if num_stages > 1 and num_repeats > 1 else None
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def _map_stacked(fn: Any, tree: Any) -> Any:
+  """Applies `fn` to every leaf with a "layers" dict key on its path; others unchanged."""
+  def leaf(path: Any, x: Any) -> Any:
+    stacked = any(isinstance(key, jax.tree_util.DictKey) and key.key == LAYERS_AXIS
+                  for key in path)
+    return fn(x) if stacked else x
+  return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_box)
+
+
 def _carry_adapter(layer_cls: type[nn.Module], train: bool) -> type[nn.Module]:
   """A subclass of `layer_cls` with the `(carry, xs) -> (carry, ys)` call `nn.scan` wants.
 
@@ -225,6 +318,13 @@ class Pipeline(nn.Module):
         length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
     )
+    layout = circular_layout(self.num_stages, self.num_repeats)
+    if layout is not None:
+      # The parameters live in the circular layout; the scan (which creates them) sees the
+      # scan layout.
+      scanned = nn.map_variables(scanned, "params", trans_in_fn=layout._leaves_to_scan,
+                                 trans_out_fn=layout._leaves_from_scan,
+                                 init=self.is_initializing())
     y, _ = scanned(**_layer_fields(self.layer), name="layers")(x, tuple(args))
     return y
 
@@ -233,12 +333,11 @@ class Pipeline(nn.Module):
     stages, micro, repeats = self.num_stages, self.num_microbatches, self.num_repeats
     per_chunk = self.num_layers // (stages * repeats)
     params = nn.unbox(self.variables["params"][LAYERS_AXIS])
-    # [L, ...] -> [R, P, L/(RP), ...] -> [P, R, L/(RP), ...]: chunk c = r * P + s (layers
-    # c * L/(RP) ...) runs on stage s in repeat r. With R = 1 stage s gets the contiguous
-    # block a layers->pipe sharding already puts on device s.
-    params = jax.tree.map(
-        lambda p: jnp.swapaxes(p.reshape(repeats, stages, per_chunk, *p.shape[1:]), 0, 1),
-        params)
+    if self.num_repeats == 1:
+      # [L, ...] -> [P, 1, L/P, ...]: stage s gets the contiguous block of layers a
+      # layers -> pipe sharding already puts on device s. With R > 1 the parameters are
+      # stored in this circular layout [P, R, L/(RP), ...] already.
+      params = CircularLayout(stages, 1)._leaves_from_scan(params)
     layer = self.layer.clone(parent=None, name=None)
     dropout_key = self.make_rng("dropout") if train and self.has_rng("dropout") else None
 

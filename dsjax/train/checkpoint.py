@@ -32,10 +32,16 @@ class Checkpointer:
     directory: where step folders live (`<workdir>/checkpoints`).
     max_to_keep: how many recent checkpoints to keep.
     async_save: write in a background thread while training goes on.
+    layout: how the state's arrays are laid out in memory when that differs from the
+      saved layout, e.g. a circular pipeline's `dsjax.parallel.pipeline.CircularLayout`:
+      an object with `to_scan(tree)`, `from_scan(tree)` and `scan_abstract(abstract)`.
+      Checkpoints are written in the scan layout, so any run can restore them.
   """
 
-  def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool):
+  def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool,
+               layout: Any = None):
     self.directory = Path(directory).absolute()
+    self._layout = layout
     if self.directory.exists() and not self.directory.is_dir():
       raise CheckpointError(f"checkpoint path {self.directory} exists and is not a folder: "
                             "move it aside or use a new --workdir")
@@ -57,6 +63,10 @@ class Checkpointer:
     """Saves the state at `step` (atomic; a step already saved is left as it is)."""
     if step in self._manager.all_steps():
       return
+    if self._layout is not None:
+      saved = self._layout.scan_abstract(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+      state = jax.jit(self._layout.to_scan,
+                      out_shardings=jax.tree.map(lambda x: x.sharding, saved))(state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
 
@@ -74,13 +84,17 @@ class Checkpointer:
       CheckpointError: the checkpoint is corrupt, incomplete or does not match `target`.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    saved = abstract if self._layout is None else self._layout.scan_abstract(abstract)
     folder = self.directory / str(step)
-    self._check_shapes(step, abstract)
+    self._check_shapes(step, saved)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(saved), host=ocp.args.JsonRestore()))
       state, host_state = restored["state"], restored["host"]
-      _check_match(state, abstract)
+      _check_match(state, saved)
+      if self._layout is not None:
+        state = jax.jit(self._layout.from_scan,
+                        out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(state)
     except CheckpointError:
       raise
     except Exception as error:  # noqa: BLE001 - corrupt files fail in many different ways.

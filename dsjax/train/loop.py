@@ -20,7 +20,7 @@ from dsjax import data, models, precision, profile
 from dsjax.config import validate
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.parallel import compression as compression_lib
-from dsjax.parallel import distributed, sharding
+from dsjax.parallel import distributed, pipeline, sharding
 from dsjax.parallel import mesh as parallel_mesh
 from dsjax.train import checkpoint, metrics, optim, precision_plan, step, tasks
 from dsjax.train.state import TrainState, create_train_state
@@ -158,8 +158,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state = create_train_state(plans.model(), tx, task.example_batch(dataset.splits["train"]),
                                config.seed, loss_scale, task=task, mesh=mesh, rules=rules,
                                grad_compression=grad_compression, delayed_update=delayed)
+  # A circular pipeline keeps the layer stack stage-major; checkpoints and pretrained
+  # weights are in the scan layout.
+  layout = pipeline.circular_layout(mesh.shape["pipe"], config.parallel.pipeline_repeats)
   if pretrained is not None:
-    state = _load_params(state, pretrained, config.train.init_from)
+    state = _load_params(state, pretrained if layout is None else layout.from_scan(pretrained),
+                         config.train.init_from)
   train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
                                   seed=config.seed)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -171,7 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints",
                                          max_to_keep=config.checkpoint.max_to_keep,
-                                         async_save=config.checkpoint.async_save)
+                                         async_save=config.checkpoint.async_save,
+                                         layout=layout)
   latest = checkpointer.latest_step()
   if latest is not None:
     _check_resumable(workdir, config)
