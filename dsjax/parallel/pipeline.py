@@ -371,27 +371,40 @@ class Pipeline(nn.Module):
     run_stages = jax.vmap(run_stage, in_axes=(0, 0, 0, None),
                           spmd_axis_name=_stage_mesh_axis())
 
+    first_stage = jnp.arange(stages) == 0
+
+    def at_first_stage(new: jax.Array, held: jax.Array) -> jax.Array:
+      # A per-stage select rather than held.at[0].set(new): every device keeps its own
+      # stage's slice, and only stage 0's takes `new` (no gather of the stage axis).
+      mask = first_stage.reshape(stages, *(1,) * (held.ndim - 1))
+      return jnp.where(mask, new, held)
+
     def schedule_step(carry, step):
-      held, outputs = carry
-      # Stage 0 takes entry `step`: microbatch step mod M, fresh in the first repeat and
-      # from the output buffer (the last stage's result for it) in later ones. Past the
-      # last entry it re-reads one, harmlessly.
+      held, received = carry
+      # Stage 0 takes entry `step`: microbatch step mod M, fresh in the first repeat and,
+      # in later ones, the last stage's result for it, which stage 0 received earlier.
+      # Past the last entry it re-reads one, harmlessly.
       slot = jnp.mod(step, micro)
-      fresh = jax.tree.map(lambda a: a[slot], inputs)
+      fresh = jax.tree.map(lambda a: a[:, slot], staged_inputs)
+      first = fresh[0]
       if repeats > 1:
         again = (step >= micro) & (step < repeats * micro)
-        fresh = (jnp.where(again, outputs[slot], fresh[0]), *fresh[1:])
-      held = jax.tree.map(lambda h, f: h.at[0].set(f), held, fresh)
-      held = _constrain_stages(held)
+        first = jnp.where(again, received[:, slot], first)
+      held = _constrain_stages((at_first_stage(first, held[0]),
+                                *map(at_first_stage, fresh[1:], held[1:])))
       done = _constrain_stages(run_stages(params, jnp.arange(stages), held, step))
-      # The last stage finished entry step - (P - 1). While the pipeline fills that index
-      # is negative; its slot (mod M) is overwritten with a real result later. The buffer
-      # ends holding the last repeat's results.
-      finished = jnp.mod(step - (stages - 1), micro)
-      outputs = lax.dynamic_update_index_in_dim(outputs, done[0][stages - 1], finished, 0)
-      # Shift: stage s + 1 gets what stage s produced (and its per-example args).
+      # Shift: stage s + 1 gets what stage s produced (and its per-example args), and
+      # stage 0 what the last stage finished, entry step - (P - 1).
       held = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), done)
-      return (held, outputs), None
+      # Every stage files what it received under that entry's microbatch, in its own slice
+      # of the buffer: stage 0's slice collects the last stage's results without a
+      # per-step broadcast. While the pipeline fills the entry is negative; its slot
+      # (mod M) is overwritten with a real result later. The buffer ends holding the last
+      # repeat's results.
+      finished = jnp.mod(step - (stages - 1), micro)
+      received = _constrain_stages(
+          lax.dynamic_update_index_in_dim(received, held[0][:, None], finished, 1))
+      return (held, received), None
 
     if self.remat:
       schedule_step = jax.checkpoint(schedule_step, prevent_cse=False)
@@ -399,7 +412,15 @@ class Pipeline(nn.Module):
     # fill phase cannot produce inf/NaN that would leak into gradients as 0 * inf.
     held = _constrain_stages(jax.tree.map(
         lambda a: jnp.broadcast_to(a[:1], (stages, *a.shape[1:])), inputs))
-    outputs = jnp.zeros_like(inputs[0])
-    (_, outputs), _ = lax.scan(schedule_step, (held, outputs),
-                               jnp.arange(repeats * micro + stages - 1))
+    # The inputs, and the buffer stage 0 collects results in, per stage: every device reads
+    # and writes only its own slice inside the loop. The inputs' broadcast is free (they
+    # are not sharded on the stage axis), and their gradient is summed over the stages
+    # once, after the loop, instead of every step.
+    staged_inputs = _constrain_stages(jax.tree.map(
+        lambda a: jnp.broadcast_to(a, (stages, *a.shape)), inputs))
+    received = _constrain_stages(jnp.zeros_like(staged_inputs[0]))
+    (_, received), _ = lax.scan(schedule_step, (held, received),
+                                jnp.arange(repeats * micro + stages - 1))
+    # One transfer of the whole batch's outputs from stage 0, after the schedule.
+    outputs = received[0]
     return _from_microbatches(outputs)
