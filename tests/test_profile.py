@@ -1,5 +1,7 @@
 """Profiling figures against analytic counts: FLOPs, collective bytes, memory, MFU."""
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,3 +197,35 @@ def test_kernel_classes_from_h200_kernel_names():
       "memcpy128": "copy", "loop_dynamic_update_slice_fusion_30": "copy", "copy.1": "copy",
       "loop_convert_fusion": "other", "convert_bitcast_fusion": "other",
       "triton_softmax_8": "other", "loop_add_fusion_1": "other", "convolution.3": "matmul"}
+
+
+def test_collectives_inside_loops_count_once_per_iteration():
+  """A scan of 5 steps whose carry is a sum over a data-sharded batch all-reduces in every
+  step: 5 executions of the loop body's all-reduce; nested trip counts multiply."""
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  def loop(x):
+    def body(carry, _):
+      return jnp.tanh(carry + jnp.sum(x * carry, axis=0)), None
+    return jax.lax.scan(body, jnp.ones(x.shape[1:]), None, length=5)[0]
+
+  compiled = jax.jit(loop, in_shardings=sharded, out_shardings=replicated).lower(
+      jnp.ones((8, 16))).compile()
+  assert profile.collective_bytes(compiled)["all-reduce"] == 5 * 2 * 16 * 4
+
+  text = textwrap.dedent("""
+  %inner (p: f32[4]) -> f32[4] {
+    %ar = f32[4]{0} all-reduce(%p), replica_groups={{0,1}}, to_apply=%add
+  }
+  %outer (p: f32[4]) -> f32[4] {
+    %w = f32[4]{0} while(%p), body=%inner, backend_config={"known_trip_count":{"n":"3"}}
+  }
+  ENTRY %main (p: f32[4]) -> f32[4] {
+    %w = f32[4]{0} while(%p), body=%outer, backend_config={"known_trip_count":{"n":"2"}}
+    %ag = f32[8]{0} all-gather(%w), replica_groups={{0,1}}, dimensions={0}
+  }
+  """)
+  moved = profile.collective_bytes(text)
+  assert moved["all-reduce"] == 2 * 3 * 4 * 4 * 2
+  assert moved["all-gather"] == 8 * 4

@@ -207,6 +207,42 @@ def _stage_mesh_axis() -> str | tuple[str, ...] | None:
   return axis
 
 
+def _replica_mesh_axes() -> tuple[tuple[str, ...], int]:
+  """The mesh axes that split the batch but no parameter, and how many ways they split.
+
+  Data parallelism inside the pipeline: every schedule step adds each stage's parameter
+  gradient for one microbatch, and a gradient summed over a batch split on these axes is
+  all-reduced where it is made, so every step would all-reduce the stage's gradients. The
+  pipeline instead gives each of these shards its own copy of the stage parameters,
+  accumulates per-copy gradients locally and sums the copies once, after the schedule.
+  Axes that some other logical axis maps to (FSDP's, which also shards parameters) are
+  left out. `((), 1)` without a mesh or rules.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return (), 1
+  batch_axes, others = None, set()
+  for name, axes in nn.get_logical_axis_rules():
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if name != "batch":
+      others.update(axes)
+    elif batch_axes is None:  # The first rule for a name wins, as in flax.
+      batch_axes = axes
+  replicas = tuple(a for a in batch_axes or () if a in mesh.axis_names and a not in others)
+  size = 1
+  for axis in replicas:
+    size *= mesh.shape[axis]
+  return replicas, size
+
+
+def _rules_without(axes: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+  """The current logical axis rules with `axes` removed from every mapping."""
+  def strip(value: Any) -> Any:
+    kept = tuple(a for a in ((value,) if isinstance(value, str) else value or ()) if a not in axes)
+    return kept or None
+  return tuple((name, strip(value)) for name, value in nn.get_logical_axis_rules())
+
+
 def _constrain_stages(tree: Any) -> Any:
   """Shards axis 0 ("stages") of every leaf; other axes follow their inputs."""
   return jax.tree.map(
@@ -342,34 +378,58 @@ class Pipeline(nn.Module):
     dropout_key = self.make_rng("dropout") if train and self.has_rng("dropout") else None
 
     inputs = jax.tree.map(lambda a: _to_microbatches(a, micro), (x, *args))
+    replica_axes, replicas = _replica_mesh_axes()
+    if inputs[0].shape[1] % replicas:
+      replica_axes, replicas = (), 1  # Microbatches too small to split: plain data parallel.
+    # [P, R, ...] -> [P, D, R, ...]: one copy of the stage's parameters per replica (see
+    # `_replica_mesh_axes`); the transpose of this broadcast sums the gradient copies once.
+    stage_axis = _stage_mesh_axis()
+    params = jax.tree.map(
+        lambda p: lax.with_sharding_constraint(
+            jnp.broadcast_to(p[:, None], (stages, replicas, *p.shape[1:])),
+            jax.P(stage_axis, replica_axes or None, *(_UNCONSTRAINED,) * (p.ndim - 1)))
+        if replicas > 1 else p[:, None], params)
+    # Inside a replica its rows are the whole batch axis: the layer's activation
+    # constraints must not shard them on the replica axes again.
+    layer_rules = _rules_without(replica_axes)
 
     def run_stage(stage_params, stage, held, step):
       """Applies stage `stage`'s layers to the microbatch `held` it holds at `step`."""
-      h, held_args = held[0], held[1:]
       # The item held here entered stage 0 at step - stage: its repeat and microbatch.
       # Out of range while filling or draining: clipped, and the output is unused.
       entry = step - stage
       repeat = jnp.clip(entry // micro, 0, repeats - 1)
       microbatch = jnp.mod(entry, micro)
-      chunk_params = jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, repeat, 0, False),
-                                  stage_params)
       first_layer = (repeat * stages + stage) * per_chunk
 
-      def run_layer(h, layer_in):
-        layer_params, index = layer_in
-        rngs = None
-        if dropout_key is not None:
-          # One key per (layer, microbatch): deterministic, independent of the schedule.
-          layer_key = jax.random.fold_in(dropout_key, first_layer + index)
-          rngs = {"dropout": jax.random.fold_in(layer_key, microbatch)}
-        h = layer.apply({"params": layer_params}, h, *held_args, train=train, rngs=rngs)
-        return h, None
+      def run_replica(replica_params, replica, held):
+        h, held_args = held[0], held[1:]
+        chunk_params = jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, repeat, 0, False),
+                                    replica_params)
 
-      h, _ = lax.scan(run_layer, h, (chunk_params, jnp.arange(per_chunk)))
-      return (h, *held_args)
+        def run_layer(h, layer_in):
+          layer_params, index = layer_in
+          rngs = None
+          if dropout_key is not None:
+            # One key per (layer, microbatch[, replica]): deterministic, independent of
+            # the schedule.
+            key = jax.random.fold_in(jax.random.fold_in(dropout_key, first_layer + index),
+                                     microbatch)
+            rngs = {"dropout": jax.random.fold_in(key, replica) if replicas > 1 else key}
+          with nn.logical_axis_rules(layer_rules):
+            h = layer.apply({"params": layer_params}, h, *held_args, train=train, rngs=rngs)
+          return h, None
 
-    run_stages = jax.vmap(run_stage, in_axes=(0, 0, 0, None),
-                          spmd_axis_name=_stage_mesh_axis())
+        h, _ = lax.scan(run_layer, h, (chunk_params, jnp.arange(per_chunk)))
+        return (h, *held_args)
+
+      # Rows [mb] -> [D, mb / D]: replica d's rows are the ones its batch shard holds.
+      split = jax.tree.map(lambda a: a.reshape(replicas, -1, *a.shape[1:]), held)
+      done = jax.vmap(run_replica, spmd_axis_name=replica_axes or None)(
+          stage_params, jnp.arange(replicas), split)
+      return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), done)
+
+    run_stages = jax.vmap(run_stage, in_axes=(0, 0, 0, None), spmd_axis_name=stage_axis)
 
     first_stage = jnp.arange(stages) == 0
 

@@ -2,7 +2,9 @@
 
 Communication is measured from the program XLA will run, never estimated by hand: each
 collective instruction of the per-device program contributes its operand bytes times the
-devices taking part (see `collective_bytes`). Async pairs (`*-start`/`*-done`) count once.
+devices taking part (see `collective_bytes`), once per execution: an instruction inside a
+while loop (a layer scan, a pipeline schedule, gradient accumulation) counts once per
+iteration, from the trip count XLA records. Async pairs (`*-start`/`*-done`) count once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ _INSTRUCTION = re.compile(
     r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
     r"(?P<op>" + "|".join(COLLECTIVE_KINDS) + r")(?P<suffix>-start|-done)?\(")
 _ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+# A computation's header: `%name (params) -> result {` or `ENTRY %name ...{`.
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*?body=%?(?P<body>[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def _shape_bytes(shape: str) -> float:
@@ -52,6 +58,36 @@ def _participants(attributes: str) -> int:
   return 1
 
 
+def _executions(text: str) -> list[tuple[int, int, int]]:
+  """`(start, end, executions per program run)` of each computation's text span.
+
+  The entry and every computation outside loops run once; a while body runs its recorded
+  trip count times per execution of the computation holding the loop (nested loops
+  multiply). A loop without a recorded trip count is counted once.
+  """
+  spans, parents = [], {}  # (start, end, name); body -> (parent, trips)
+  name, start, offset = None, 0, 0
+  for line in text.splitlines(keepends=True):
+    header = _COMPUTATION.match(line)
+    if header and not line.startswith((" ", "\t")):
+      name, start = header.group("name"), offset
+    elif name is not None and line.startswith("}"):
+      spans.append((start, offset + len(line), name))
+      name = None
+    elif name is not None and (loop := _WHILE.search(line)):
+      trips = _TRIP_COUNT.search(line)
+      parents[loop.group("body")] = (name, int(trips.group(1)) if trips else 1)
+    offset += len(line)
+
+  def count(name: str, depth: int = 0) -> int:
+    if name not in parents or depth > 64:
+      return 1
+    parent, trips = parents[name]
+    return trips * count(parent, depth + 1)
+
+  return [(begin, end, count(name)) for begin, end, name in spans]
+
+
 def collective_bytes(program: Any) -> dict[str, float]:
   """Bytes each collective kind moves in one call of a compiled program.
 
@@ -69,6 +105,7 @@ def collective_bytes(program: Any) -> dict[str, float]:
   """
   text = program if isinstance(program, str) else program.as_text()
   text = re.sub(r"/\*.*?\*/", "", text)  # Long tuples carry /*index=5*/ markers.
+  spans = _executions(text)
   totals = dict.fromkeys(COLLECTIVE_KINDS, 0.0)
   for match in _INSTRUCTION.finditer(text):
     if match.group("suffix") == "-done":
@@ -84,6 +121,7 @@ def collective_bytes(program: Any) -> dict[str, float]:
     participants = _participants(attributes)
     operand = {"all-gather": result / participants,
                "reduce-scatter": result * participants}.get(op, result)
-    totals[op] += operand * participants
+    runs = next((n for begin, end, n in spans if begin <= match.start() < end), 1)
+    totals[op] += operand * participants * runs
   totals["total"] = float(np.sum(list(totals.values())))
   return totals
