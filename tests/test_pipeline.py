@@ -22,7 +22,7 @@ from dsjax.parallel.pipeline import CircularLayout, Pipeline, bubble_fraction
 from dsjax.profile import hlo
 
 HIDDEN, LAYERS, BATCH, SEQ = 8, 8, 8, 2
-RULES = (("layers", "pipe"), ("stages", "pipe"), ("batch", "data"))
+RULES = (("layers", "pipe"), ("stages", "pipe"), ("batch", "data"), ("replica", "data"))
 # XLA:CPU compiles dominate this file's run time; LLVM optimisation of tiny programs only
 # costs time here (about a third of each compile).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,

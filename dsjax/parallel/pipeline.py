@@ -1,10 +1,10 @@
 """GPipe pipeline parallelism over a stack of identical layers, for the `pipe` mesh axis.
 
-`Pipeline` runs `num_layers` copies of one layer. Its parameters always have the layout
-of `nn.scan` over the layer class: one submodule "layers" whose every leaf has a leading
-[num_layers] axis with the logical name "layers". The layout does not depend on
-`num_stages`, so a checkpoint written by a pipelined run restores into an unpipelined one
-and back.
+`Pipeline` runs `num_layers` copies of one layer. Its parameters have the layout of
+`nn.scan` over the layer class: one submodule "layers" whose every leaf has a leading
+[num_layers] axis with the logical name "layers" (a circular pipeline stores them
+stage-major, see below). The layout does not depend on `num_stages`, so a checkpoint
+written by a pipelined run restores into an unpipelined one and back.
 
 With `num_stages` P > 1 the stack is cut into P stages of L/P contiguous layers (stage s
 owns layers s*L/P ... (s+1)*L/P - 1) and the batch into M microbatches, and the GPipe
@@ -16,6 +16,15 @@ of the `pipe` axis holds one stage's parameters and activations, and XLA turns t
 into a `collective-permute`. The same code runs on a single device without any rules.
 `jax.grad` through it is the GPipe backward (the transpose of the roll sends cotangents
 upstream). This is the SPMD pattern of MaxText's pipeline.
+
+Only that shift communicates inside the schedule loop:
+- the inputs and the output buffer are kept per stage, and the last stage's results reach
+  stage 0 through the roll's wrap-around, so nothing is broadcast over `pipe` each step;
+- each data-parallel replica (the mesh axes of the logical axis "replica") runs on its own
+  copy of the stage parameters, so their gradients are summed over the replicas once per
+  step rather than once per schedule step. The copy costs one stage's parameters (and
+  their gradient) per device. FSDP-sharded parameters are still gathered, and their
+  gradients reduce-scattered, in every schedule step.
 
 Circular repeats (`num_repeats` R > 1, MaxText's circular pipeline, Megatron's
 interleaved schedule): the stack is cut into R * P chunks of L / (R P) layers, chunk c
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +60,7 @@ from dsjax.errors import ConfigError
 
 LAYERS_AXIS = "layers"
 STAGES_AXIS = "stages"
+REPLICA_AXIS = "replica"
 _UNCONSTRAINED = jax.sharding.PartitionSpec.UNCONSTRAINED
 
 
@@ -208,31 +219,30 @@ def _stage_mesh_axis() -> str | tuple[str, ...] | None:
 
 
 def _replica_mesh_axes() -> tuple[tuple[str, ...], int]:
-  """The mesh axes that split the batch but no parameter, and how many ways they split.
+  """The data-parallel mesh axes of the batch, and how many ways they split it.
 
   Data parallelism inside the pipeline: every schedule step adds each stage's parameter
-  gradient for one microbatch, and a gradient summed over a batch split on these axes is
-  all-reduced where it is made, so every step would all-reduce the stage's gradients. The
-  pipeline instead gives each of these shards its own copy of the stage parameters,
-  accumulates per-copy gradients locally and sums the copies once, after the schedule.
-  Axes that some other logical axis maps to (FSDP's, which also shards parameters) are
-  left out. `((), 1)` without a mesh or rules.
+  gradient for one microbatch, and a gradient summed over a batch split on some mesh axes
+  is all-reduced where it is made, so every step would all-reduce the stage's gradients.
+  The pipeline instead gives each data-parallel replica its own copy of the stage
+  parameters, accumulates per-copy gradients locally and sums the copies once, after the
+  schedule. The replicas are the mesh axes of the logical axis "replica" (default rules:
+  `data`), when they lead the batch's mesh axes (so that a replica's rows are a
+  contiguous block of the microbatch). `((), 1)` without a mesh or such rules.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return (), 1
-  batch_axes, others = None, set()
-  for name, axes in nn.get_logical_axis_rules():
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    if name != "batch":
-      others.update(axes)
-    elif batch_axes is None:  # The first rule for a name wins, as in flax.
-      batch_axes = axes
-  replicas = tuple(a for a in batch_axes or () if a in mesh.axis_names and a not in others)
-  size = 1
-  for axis in replicas:
-    size *= mesh.shape[axis]
-  return replicas, size
+
+  def mesh_axes(name: str) -> tuple[str, ...]:
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+  replicas, batch = mesh_axes(REPLICA_AXIS), mesh_axes("batch")
+  if not replicas or batch[:len(replicas)] != replicas or not set(replicas) <= set(
+      mesh.axis_names):
+    return (), 1
+  return replicas, math.prod(mesh.shape[axis] for axis in replicas)
 
 
 def _rules_without(axes: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:

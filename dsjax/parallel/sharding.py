@@ -40,7 +40,7 @@ DEFAULT_RULES: Rules = (
     ("length", None),
     ("layers", "pipe"),
     ("stages", "pipe"),
-    ("replica", "data"),  # Per-replica state (error-feedback residuals of each replica).
+    ("replica", "data"),  # Per-replica state: error-feedback residuals, pipeline weight copies.
 )
 
 
