@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from dsjax import nas
 from dsjax.errors import ConfigError
@@ -298,6 +300,16 @@ def test_latency_table_and_expected_latency():
   assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
 
 
+def conv_bias_paths(params) -> tuple[list[str], bool]:
+  """Returns the conv modules (4-d kernel) with a "bias" leaf, and whether BatchNorms exist."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  modules = {path.rpartition("/")[0] for path in flat}
+  convs = [m for m in sorted(modules)
+           if len(flat.get(f"{m}/kernel", np.empty(())).shape) == 4 and f"{m}/bias" in flat]
+  has_bn = any(f"{m}/scale" in flat and f"{m}/bias" in flat for m in modules)
+  return convs, has_bn
+
+
 def test_batch_norm_ops_search_derive_and_count(tmp_path):
   """`batch_norm=True`: every conv op (and the stem) normalises before its activation.
   A search step updates the running statistics (in its weight step), the
@@ -328,6 +340,14 @@ def test_batch_norm_ops_search_derive_and_count(tmp_path):
   variables = jax.jit(derived.init)(jax.random.PRNGKey(0), jnp.zeros((2, *INPUT)))
   assert set(variables) == {"params", "batch_stats"}
   assert supernet.count_params(variables["params"]) == architecture["params"]
+  # BatchNorm cancels a conv bias, so the convs it follows have none; without it they do.
+  assert conv_bias_paths(variables["params"]) == ([], True)
+  plain = Supernet(dataclasses.replace(space, batch_norm=False), num_classes=10,
+                   architecture=supernet.choices_from_dict(architecture))
+  plain_params = jax.eval_shape(plain.init, jax.random.PRNGKey(0),
+                                jnp.zeros((2, *INPUT)))["params"]
+  assert conv_bias_paths(plain_params) == (
+      ["block_0/sep_conv_3x3/pointwise", "block_1/conv_3x3/conv", "stem"], False)
   without = {**model_config, "backbone": {**model_config["backbone"], "batch_norm": False}}
   with pytest.raises(ConfigError, match="search_space.batch_norm"):
     supernet.build_supernet(without, 10, jnp.float32)

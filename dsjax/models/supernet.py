@@ -87,7 +87,8 @@ class Op(nn.Module):
     activation: "relu", "silu" or "gelu", applied after convolutions.
     compute_dtype: compute dtype; parameters stay float32.
     plan: per-layer precision plan, or None.
-    batch_norm: BatchNorm between the convolution and the activation.
+    batch_norm: BatchNorm between the convolution and the activation; the convolution
+      then has no bias (BatchNorm's own bias would cancel it).
   """
 
   candidate: str
@@ -109,11 +110,13 @@ class Op(nn.Module):
     if family == "identity":
       return fit_channels(x, self.features).astype(dtype)
     if family == "conv":
-      y = dsnn.Conv(self.features, (k, k), strides=self.stride, name="conv", **precision)(x)
+      y = dsnn.Conv(self.features, (k, k), strides=self.stride, use_bias=not self.batch_norm,
+                    name="conv", **precision)(x)
     else:  # sep_conv: depthwise k x k, then pointwise 1 x 1.
       y = dsnn.Conv(x.shape[-1], (k, k), strides=self.stride, use_bias=False,
                     feature_group_count=x.shape[-1], name="depthwise", **precision)(x)
-      y = dsnn.Conv(self.features, (1, 1), name="pointwise", **precision)(y)
+      y = dsnn.Conv(self.features, (1, 1), use_bias=not self.batch_norm, name="pointwise",
+                    **precision)(y)
     if self.batch_norm:
       y = dsnn.BatchNorm(param_axis="conv_out", name="bn", **precision)(
           y, use_running_average=not train)
@@ -221,7 +224,8 @@ class Supernet(nn.Module):
     precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     space, x = self.space, images
     if space.stem_channels:
-      x = dsnn.Conv(space.stem_channels, (3, 3), name="stem", **precision)(x)
+      x = dsnn.Conv(space.stem_channels, (3, 3), use_bias=not space.batch_norm, name="stem",
+                    **precision)(x)
       if space.batch_norm:
         x = dsnn.BatchNorm(param_axis="conv_out", name="stem_bn", **precision)(
             x, use_running_average=not train)

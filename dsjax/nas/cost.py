@@ -4,6 +4,7 @@ One set of per-op formulas serves both, so the expectation the search optimises 
 number `derive` reports agree. FLOPs are 2 x multiply-accumulates of convolutions and
 dense layers (bias adds, ReLUs and pooling are not counted); params count every scalar,
 biases included, so `exact_cost(...)["params"]` equals the derived model's parameter tree.
+With batch_norm the convolutions have no bias (BatchNorm's scale and bias take its place).
 
 Expectation. Ops, widths and keep gates are independent categoricals with the softmax
 probabilities of their logits. Every op's cost is bilinear in (input width, output
@@ -41,19 +42,19 @@ def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int,
     c_out: output channels (or their expectation).
     out_hw: output height x width.
     batch_norm: the op ends in a BatchNorm (scale and bias per output channel; its
-      FLOPs are not counted, as bias adds are not).
+      FLOPs are not counted, as bias adds are not) and its convolution has no bias.
 
   Returns:
     FLOPs (2 x MACs) and parameter count.
   """
   family, k = space_lib.op_family(candidate), space_lib.op_kernel(candidate)
-  norm = 2 * c_out if batch_norm else 0
+  extra = 2 * c_out if batch_norm else c_out  # BatchNorm scale + bias, or the conv bias.
   if family == "conv":
-    return 2 * out_hw * k * k * c_in * c_out, k * k * c_in * c_out + c_out + norm
+    return 2 * out_hw * k * k * c_in * c_out, k * k * c_in * c_out + extra
   if family == "sep_conv":
-    # Depthwise (no bias) then pointwise (with bias).
+    # Depthwise (no bias) then pointwise (bias unless BatchNorm follows).
     return (2 * out_hw * (k * k * c_in + c_in * c_out),
-            k * k * c_in + c_in * c_out + c_out + norm)
+            k * k * c_in + c_in * c_out + extra)
   return 0 * c_out, 0 * c_out  # identity, zero
 
 
@@ -65,7 +66,8 @@ def _stem_and_head(space: SearchSpace, input_shape: Sequence[int], num_classes: 
   c_in = channels
   if space.stem_channels:
     flops = 2 * height * width * 9 * channels * space.stem_channels
-    params = (9 * channels + 1 + 2 * space.batch_norm) * space.stem_channels
+    # Kernel, then a bias or (batch_norm) BatchNorm's scale and bias.
+    params = (9 * channels + 1 + space.batch_norm) * space.stem_channels
     c_in = space.stem_channels
   if space.head == "none":
     return flops, params, c_in

@@ -65,7 +65,8 @@ class SearchSpace:
       are smooth, which second-order gradients (and their finite-difference checks) need
       to be well defined.
     batch_norm: BatchNorm between every convolution op (and the stem) and its
-      activation, as DARTS' ops have; its statistics live in "batch_stats".
+      activation, as DARTS' ops have (those convolutions then have no bias); its
+      statistics live in "batch_stats".
   """
 
   min_channels: int = 16
