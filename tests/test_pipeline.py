@@ -200,6 +200,38 @@ def test_sharded_pipeline_on_mesh(setup, expected, num_repeats):
   assert moved["all-reduce"] == once["all-reduce"] > 0, (moved, once)
 
 
+def test_fsdp_weights_are_gathered_once_per_step(setup, expected):
+  """pipe=2 x fsdp=2 x data=2 with `replica -> data + fsdp` (MaxText's "gather once"):
+  each replica's copy of the stage weights is gathered from its FSDP shards before the
+  schedule and its gradient reduced after it, so no collective but the stage shift runs
+  inside the loop."""
+  x, mask, weights, boxed = setup
+  rules = (("layers", "pipe"), ("stages", "pipe"), ("embed", "fsdp"),
+           ("batch", ("data", "fsdp")), ("replica", ("data", "fsdp")))
+  mesh = jax.make_mesh((2, 2, 2), ("pipe", "fsdp", "data"), axis_types=(AxisType.Auto,) * 3)
+  param_shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(jax.eval_shape(lambda: boxed)), mesh, rules)["params"]
+  batch_sharding = NamedSharding(mesh, jax.P(("data", "fsdp")))
+  sharded = jax.device_put(nn.unbox(boxed)["params"], param_shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jit(_step(_pipeline(2, 2), weights),
+               in_shardings=(param_shardings, batch_sharding, batch_sharding),
+               out_shardings=(batch_sharding, param_shardings, batch_sharding))
+    compiled = step.lower(sharded, x, mask).compile()
+    actual = compiled(sharded, jax.device_put(x, batch_sharding),
+                      jax.device_put(mask, batch_sharding))
+
+  _assert_close(actual, expected)
+  assert sharded["layers"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == (
+      LAYERS // 2, HIDDEN // 2, HIDDEN)
+  moved = hlo.collective_bytes(compiled)
+  once = hlo.collective_bytes(re.sub(r'"known_trip_count":\{"n":"\d+"\}', "",
+                                     compiled.as_text()))
+  for kind in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all"):
+    assert moved[kind] == once[kind], (kind, moved, once)
+  assert moved["all-gather"] + moved["reduce-scatter"] + moved["all-reduce"] > 0
+
+
 @pytest.mark.parametrize("kwargs,batch,message", [
     ({"num_stages": 3}, BATCH, "8 layers do not split into 3 pipeline stages"),
     ({"num_stages": 2, "num_microbatches": 3}, BATCH, "does not split into 3 microbatches"),

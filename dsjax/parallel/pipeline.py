@@ -23,8 +23,11 @@ Only that shift communicates inside the schedule loop:
 - each data-parallel replica (the mesh axes of the logical axis "replica") runs on its own
   copy of the stage parameters, so their gradients are summed over the replicas once per
   step rather than once per schedule step. The copy costs one stage's parameters (and
-  their gradient) per device. FSDP-sharded parameters are still gathered, and their
-  gradients reduce-scattered, in every schedule step.
+  their gradient) per device. With the default rules (`replica -> data`) FSDP-sharded
+  parameters are still gathered, and their gradients reduced, in every schedule step;
+  the rule `replica -> data + fsdp` makes the copies per FSDP shard too, so each is
+  gathered once before the schedule and its gradient reduced once after it (MaxText's
+  "FSDP all-gather once"): less traffic for a whole stage's gathered weights per device.
 
 Circular repeats (`num_repeats` R > 1, MaxText's circular pipeline, Megatron's
 interleaved schedule): the stack is cut into R * P chunks of L / (R P) layers, chunk c
