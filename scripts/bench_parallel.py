@@ -36,7 +36,8 @@ from dsjax.train import train_and_evaluate  # noqa: E402
 
 def run_mesh(args: argparse.Namespace, mesh: str, microbatches: int = 0) -> dict:
   """One short run on `mesh` (`"data=2,model=4"`; `num_devices=N` takes the first N;
-  `repeats=R` makes the pipeline circular)."""
+  `repeats=R` makes the pipeline circular; a last `rules=...` overrides sharding rules)."""
+  mesh, _, rules = mesh.partition(",rules=")
   mesh, _, repeats = mesh.partition(",repeats=")
   mesh, _, devices = mesh.partition(",num_devices=")
   config = config_lib.with_model_defaults(config_lib.base_config(), args.model)
@@ -48,6 +49,7 @@ def run_mesh(args: argparse.Namespace, mesh: str, microbatches: int = 0) -> dict
   config.train.eval_every_steps = config.checkpoint.every_steps = 10**6
   config.parallel.microbatches = microbatches
   config.parallel.pipeline_repeats = int(repeats or 1)
+  config.parallel.rules = rules
   config.logging.progress_bar = config.logging.tensorboard = False
   for axis, size in mesh_lib.parse_mesh(mesh).items():
     config.mesh[axis] = size
