@@ -91,7 +91,6 @@ def bubble_fraction(num_stages: int, num_microbatches: int, num_repeats: int = 1
   return (num_stages - 1) / (num_repeats * num_microbatches + num_stages - 1)
 
 
-@functools.cache
 @dataclasses.dataclass(frozen=True)
 class CircularLayout:
   """The circular pipeline's parameter layout, and conversions from and to the scan's.
@@ -181,6 +180,7 @@ def _map_stacked(fn: Any, tree: Any) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_box)
 
 
+@functools.cache
 def _carry_adapter(layer_cls: type[nn.Module], train: bool) -> type[nn.Module]:
   """A subclass of `layer_cls` with the `(carry, xs) -> (carry, ys)` call `nn.scan` wants.
 
