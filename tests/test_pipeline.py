@@ -201,7 +201,7 @@ def test_sharded_pipeline_on_mesh(setup, expected, num_repeats):
 
 
 def test_fsdp_weights_are_gathered_once_per_step(setup, expected):
-  """pipe=2 x fsdp=2 x data=2 with `replica -> data + fsdp` (MaxText's "gather once"):
+  """pipe=2 x fsdp=2 x data=2, with remat, and `replica -> data + fsdp` ("gather once"):
   each replica's copy of the stage weights is gathered from its FSDP shards before the
   schedule and its gradient reduced after it, so no collective but the stage shift runs
   inside the loop."""
@@ -214,7 +214,7 @@ def test_fsdp_weights_are_gathered_once_per_step(setup, expected):
   batch_sharding = NamedSharding(mesh, jax.P(("data", "fsdp")))
   sharded = jax.device_put(nn.unbox(boxed)["params"], param_shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jit(_step(_pipeline(2, 2), weights),
+    step = jit(_step(_pipeline(2, 2, remat=True), weights),
                in_shardings=(param_shardings, batch_sharding, batch_sharding),
                out_shardings=(batch_sharding, param_shardings, batch_sharding))
     compiled = step.lower(sharded, x, mask).compile()
