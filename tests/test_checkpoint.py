@@ -3,14 +3,18 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import precision
 from dsjax.errors import CheckpointError
 from dsjax.parallel.pipeline import CircularLayout
 from dsjax.train import checkpoint, train_and_evaluate
+from dsjax.train.state import TrainState
 
 
 def tiny_config(steps):
@@ -128,30 +132,47 @@ def test_circular_pipeline_resumes_a_scan_layout_checkpoint(tmp_path):
 
 @pytest.mark.all_devices
 def test_checkpointer_writes_the_scan_layout_of_a_circular_state(tmp_path):
-  """Save converts stage-major [P, R, L/(RP), ...] leaves under "layers" (the parameters
-  and the optimizer moments alike) to [L, ...]; restore converts back, into the target's
-  shardings; other leaves pass through."""
+  """Save converts a train state's stage-major [P, R, L/(RP), ...] leaves under "layers"
+  (the parameters and the optimizer's momentum alike) to [L, ...]; restore converts back,
+  into the target's shardings; other leaves pass through."""
   mesh = jax.make_mesh((2,), ("pipe",), devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Auto,))
   stacked = jax.sharding.NamedSharding(mesh, jax.P("pipe"))
   scan_layers = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # Layer l is row l.
   layout = CircularLayout(2, 2)
-  state = {"params": {"layers": {"w": jax.device_put(layout.from_scan(
-               {"layers": scan_layers})["layers"], stacked)}, "head": np.ones(2, np.float32)},
-           "mu": {"layers": {"w": jax.device_put(layout.from_scan(
-               {"layers": -scan_layers})["layers"], stacked)}}}
+  params = {"layers": {"w": jax.device_put(layout.from_scan({"layers": scan_layers})["layers"],
+                                           stacked)},
+            "head": jnp.ones(2)}
   # Stage 1 runs chunks 1 and 3 (layers 1 and 3), and holds them.
-  np.testing.assert_array_equal(state["params"]["layers"]["w"].addressable_shards[1].data,
+  np.testing.assert_array_equal(params["layers"]["w"].addressable_shards[1].data,
                                 [[[[3, 4, 5]], [[9, 10, 11]]]])
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = TrainState(step=jnp.array(3), params=params, model_state={},
+                     # The momentum trace: one params-shaped tree, here -params.
+                     opt_state=jax.tree.unflatten(jax.tree.structure(tx.init(params)),
+                                                  [-p for p in jax.tree.leaves(params)]),
+                     rng=jnp.zeros(2, jnp.uint32),
+                     loss_scale=precision.loss_scale_for(precision.get_policy("fp32")),
+                     grad_sync=None, pending_grads=None, apply_fn=None, tx=tx)
+  # As in a trainer's state, every array lives on the mesh.
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  state = jax.tree.map(lambda x: x if x.sharding == stacked else jax.device_put(x, replicated),
+                       state)
   checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints", max_to_keep=1,
                                          async_save=False, layout=layout)
   checkpointer.save(1, state, {})
   checkpointer.wait()
   _, saved = final_state(tmp_path)
   np.testing.assert_array_equal(saved["params"]["layers"]["w"], scan_layers)
-  np.testing.assert_array_equal(saved["mu"]["layers"]["w"], -scan_layers)
   np.testing.assert_array_equal(saved["params"]["head"], np.ones(2))
+  momentum = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(saved["opt_state"])
+              if "layers" in jax.tree_util.keystr(path)]
+  assert len(momentum) == 1
+  np.testing.assert_array_equal(momentum[0], -scan_layers)
   restored, _ = checkpointer.restore(1, state)
   checkpointer.close()
   assert_trees_equal(restored, state)
-  assert restored["params"]["layers"]["w"].sharding == stacked
+  assert restored.params["layers"]["w"].sharding == stacked
+  shardings = {jax.tree_util.keystr(path): leaf.sharding
+               for path, leaf in jax.tree_util.tree_leaves_with_path(restored.opt_state)}
+  assert [s for key, s in shardings.items() if "layers" in key] == [stacked]
