@@ -310,9 +310,20 @@ def conv_bias_paths(params) -> tuple[list[str], bool]:
   return convs, has_bn
 
 
+def batch_norm_params(variables) -> dict[str, list[str]]:
+  """Returns each BatchNorm (a module with running statistics) -> its param leaf names."""
+  stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
+  params = traverse_util.flatten_dict(nn.unbox(variables["params"]), sep="/")
+  modules = {path.rpartition("/")[0] for path in stats}
+  assert sorted(stats) == sorted(f"{m}/{leaf}" for m in modules for leaf in ("mean", "var"))
+  return {m: sorted(p.rpartition("/")[2] for p in params if p.rpartition("/")[0] == m)
+          for m in sorted(modules)}
+
+
 def test_batch_norm_ops_search_derive_and_count(tmp_path):
   """`batch_norm=True`: every conv op (and the stem) normalises before its activation.
-  A search step updates the running statistics (in its weight step), the
+  The supernet's BatchNorms are affine-free (DARTS' search), the derived network's learn
+  scale and bias. A search step updates the running statistics (in its weight step), the
   relaxed cost at a one-hot architecture equals the derived one, and the derived network
   has exactly the parameters its JSON states (BatchNorm scales and biases included)."""
   space = dataclasses.replace(FULL_SPACE, batch_norm=True, depth_range=(2, 3),
@@ -321,6 +332,11 @@ def test_batch_norm_ops_search_derive_and_count(tmp_path):
   state = nas.create_search_state(model, WEIGHT_TX, ARCH_TX, INPUT, 0)
   stats = state.model_state["batch_stats"]
   assert "stem_bn" in stats and "bn" in stats["block_0"]["conv_3x3"]
+  # Search: running mean/var but no scale or bias, in the stem and every conv op.
+  search_bns = batch_norm_params({"params": state.params, **state.model_state})
+  assert "stem_bn" in search_bns and "block_1/sep_conv_3x3/bn" in search_bns
+  assert all(leaves == [] for leaves in search_bns.values())
+  assert conv_bias_paths(state.params) == ([], False)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(8, *INPUT)).astype(np.float32),
            "label": rng.integers(0, 10, 8).astype(np.int32)}
@@ -342,6 +358,10 @@ def test_batch_norm_ops_search_derive_and_count(tmp_path):
   assert supernet.count_params(variables["params"]) == architecture["params"]
   # BatchNorm cancels a conv bias, so the convs it follows have none; without it they do.
   assert conv_bias_paths(variables["params"]) == ([], True)
+  # The derived network's BatchNorms (stem and kept conv ops) learn scale and bias.
+  assert batch_norm_params(variables) == {
+      m: ["bias", "scale"]
+      for m in ("block_0/sep_conv_3x3/bn", "block_1/conv_3x3/bn", "stem_bn")}
   plain = Supernet(dataclasses.replace(space, batch_norm=False), num_classes=10,
                    architecture=supernet.choices_from_dict(architecture))
   plain_params = jax.eval_shape(plain.init, jax.random.PRNGKey(0),

@@ -13,7 +13,9 @@ never in `params`, so the weight optimizer cannot see them:
 Given an `architecture` (one `BlockChoice` per block, see `choices_from_dict`), the same
 class builds only the chosen ops at the chosen widths and has no `arch` collection, so a
 retrained network holds exactly the derived parameters. Blocks are named `block_{i}` and
-ops by candidate (`block_0/conv_3x3/conv/kernel`) in both forms.
+ops by candidate (`block_0/conv_3x3/conv/kernel`) in both forms. With `batch_norm`, the
+supernet's BatchNorms are affine-free (no scale or bias, DARTS' `affine=False`) and the
+derived network's learn a scale and bias.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class Op(nn.Module):
     plan: per-layer precision plan, or None.
     batch_norm: BatchNorm between the convolution and the activation; the convolution
       then has no bias (BatchNorm's own bias would cancel it).
+    affine: the BatchNorm learns a per-channel scale and bias (the derived network);
+      False normalises only, as DARTS' search ops do (`affine=False`).
   """
 
   candidate: str
@@ -98,6 +102,7 @@ class Op(nn.Module):
   compute_dtype: Any = jnp.float32
   plan: dsnn.PrecisionPlan | None = None
   batch_norm: bool = False
+  affine: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -118,13 +123,15 @@ class Op(nn.Module):
       y = dsnn.Conv(self.features, (1, 1), use_bias=not self.batch_norm, name="pointwise",
                     **precision)(y)
     if self.batch_norm:
-      y = dsnn.BatchNorm(param_axis="conv_out", name="bn", **precision)(
-          y, use_running_average=not train)
+      y = dsnn.BatchNorm(use_scale=self.affine, use_bias=self.affine, param_axis="conv_out",
+                         name="bn", **precision)(y, use_running_average=not train)
     return getattr(nn, self.activation)(y)
 
 
 class SearchBlock(nn.Module):
   """A searchable block: relaxed op mixture, channel mask and (if optional) skip gate.
+
+  Its ops' BatchNorms (`space.batch_norm`) are affine-free, as in DARTS' search.
 
   Attributes:
     space: the search space.
@@ -156,7 +163,7 @@ class SearchBlock(nn.Module):
     y = jnp.zeros((), jnp.float32)
     for i, candidate in enumerate(candidates):
       out = Op(candidate, width, stride, space.activation, self.compute_dtype, self.plan,
-               space.batch_norm, name=candidate)(x, train)
+               space.batch_norm, affine=False, name=candidate)(x, train)
       y = y + op_weights[i] * out.astype(jnp.float32)
     if stride == 1:
       # DARTS- auxiliary skip: a decaying identity path outside the mixture, so skip ops
@@ -171,7 +178,10 @@ class SearchBlock(nn.Module):
 
 
 class DiscreteBlock(nn.Module):
-  """A derived block: one op at one width (named like its supernet counterpart)."""
+  """A derived block: one op at one width (named like its supernet counterpart).
+
+  Unlike the search, its BatchNorm (`batch_norm`) learns a scale and bias.
+  """
 
   choice: BlockChoice
   stride: int = 1
@@ -194,6 +204,8 @@ class Supernet(nn.Module):
     num_classes: number of output logits.
     relaxation: "softmax" (DARTS), "gumbel" (FBNet) or "hard_gumbel" (GDAS).
     architecture: None for the supernet; one BlockChoice per block for the derived net.
+      With `space.batch_norm` the supernet's BatchNorms (stem and ops) are affine-free, as
+      in DARTS' search; the derived net's learn a per-channel scale and bias.
     compute_dtype: compute dtype; parameters are always float32 (master weights).
     plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
   """
@@ -227,8 +239,9 @@ class Supernet(nn.Module):
       x = dsnn.Conv(space.stem_channels, (3, 3), use_bias=not space.batch_norm, name="stem",
                     **precision)(x)
       if space.batch_norm:
-        x = dsnn.BatchNorm(param_axis="conv_out", name="stem_bn", **precision)(
-            x, use_running_average=not train)
+        affine = self.architecture is not None  # Affine-free in the search, as DARTS.
+        x = dsnn.BatchNorm(use_scale=affine, use_bias=affine, param_axis="conv_out",
+                           name="stem_bn", **precision)(x, use_running_average=not train)
       x = getattr(nn, space.activation)(x)
     if self.architecture is not None and len(self.architecture) != space.num_blocks:
       raise ValueError(f"architecture has {len(self.architecture)} blocks, the search space "

@@ -4,7 +4,9 @@ One set of per-op formulas serves both, so the expectation the search optimises 
 number `derive` reports agree. FLOPs are 2 x multiply-accumulates of convolutions and
 dense layers (bias adds, ReLUs and pooling are not counted); params count every scalar,
 biases included, so `exact_cost(...)["params"]` equals the derived model's parameter tree.
-With batch_norm the convolutions have no bias (BatchNorm's scale and bias take its place).
+With batch_norm the convolutions have no bias (BatchNorm's scale and bias take its place);
+the counts are the derived network's, whose BatchNorms learn a scale and bias, even though
+the supernet's are affine-free during the search.
 
 Expectation. Ops, widths and keep gates are independent categoricals with the softmax
 probabilities of their logits. Every op's cost is bilinear in (input width, output

@@ -66,7 +66,9 @@ class SearchSpace:
       to be well defined.
     batch_norm: BatchNorm between every convolution op (and the stem) and its
       activation, as DARTS' ops have (those convolutions then have no bias); its
-      statistics live in "batch_stats".
+      statistics live in "batch_stats". As in DARTS, the supernet's BatchNorms are
+      affine-free during the search (no scale or bias) and the derived network's learn a
+      per-channel scale and bias.
   """
 
   min_channels: int = 16
