@@ -11,6 +11,7 @@ from dsjax import data, models
 from dsjax.errors import ConfigError
 from dsjax.parallel import mesh as mesh_lib
 from dsjax.parallel import sharding
+from dsjax.parallel.compression import parse_compression
 from dsjax.profile import tree_bytes
 from dsjax.train import Task, create_train_state, make_train_step
 from dsjax.train.optim import build_optimizer
@@ -54,7 +55,7 @@ def test_indivisible_batch_is_refused():
     sharding.check_batch(mesh, 30, "train.batch_size", "set --batch-size")
 
 
-def _setup(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32):
+def _setup(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32, compression=None):
   config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
   config.model.features, config.model.dense_features = (8,), 64
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.1
@@ -63,16 +64,20 @@ def _setup(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32):
   tx, lr = build_optimizer(config.optimizer, steps)
   mesh = mesh_lib.make_mesh(mesh_sizes, devices)
   rules = sharding.parse_rules()
+  compression = compression and parse_compression(compression)
   runtime = PlanRuntime(config.precision, lambda plan, dtype: model,
-                        lambda stats, density: make_train_step(TASK, accum, lr), task=TASK,
+                        lambda stats, density: make_train_step(
+                            TASK, accum, lr, grad_compression=compression), task=TASK,
                         mesh=mesh, rules=rules)
   with runtime.context():
-    state = create_train_state(model, tx, dataset.input_shape, 0, mesh=mesh, rules=rules)
+    state = create_train_state(model, tx, dataset.input_shape, 0, mesh=mesh, rules=rules,
+                               grad_compression=compression)
   return dataset, runtime, state, mesh
 
 
-def _train(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32):
-  dataset, runtime, state, mesh = _setup(mesh_sizes, devices, steps, accum, batch_size)
+def _train(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32, compression=None):
+  dataset, runtime, state, mesh = _setup(mesh_sizes, devices, steps, accum, batch_size,
+                                         compression)
   batches = data.BatchIterator(dataset.splits["train"], batch_size, seed=0)
   losses = []
   for step in range(steps):
@@ -80,6 +85,8 @@ def _train(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32):
                                   batch_size)
     state, metrics = runtime.step(state, batch, jax.random.fold_in(state.rng, step))
     losses.append(float(metrics["loss"]))
+  if compression:
+    return np.array(losses), jax.device_get(state.params), runtime.comm_bytes()
   return np.array(losses), jax.device_get(state.params)
 
 
@@ -257,3 +264,16 @@ def test_circular_pipeline_config():
   config.parallel.pipeline_repeats = 0
   with pytest.raises(ConfigError, match="parallel.pipeline_repeats must be >= 1"):
     config_lib.validate(config)
+
+
+def test_local_accumulation_exchanges_gradients_once_per_step(reference):
+  """`grad_compression=local` on data=8 with 4 micro-batches: each replica accumulates its
+  own gradients and the replicas all-reduce once per step (XLA's path all-reduces in every
+  micro-batch), with the one-device result."""
+  losses, params, moved = _train({"data": 8}, accum=4, compression="local")
+  ref_losses, ref_params = reference
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  gradient_bytes = 8 * 4 * sum(p.size for p in jax.tree.leaves(params))  # 8 replicas, f32.
+  assert gradient_bytes <= moved < 2 * gradient_bytes

@@ -38,11 +38,13 @@ from jax import lax
 
 from dsjax.errors import ConfigError
 
-MODES = ("none", "topk", "threshold", "powersgd")
+# "local": the dense mean too, but exchanged once per step by the replicas (after
+# gradient accumulation) instead of by XLA in every micro-batch.
+MODES = ("none", "local", "topk", "threshold", "powersgd")
 # DGC's warm-up densities (75%, 93.75%, 98.4375%, 99.6% sparsity), then the target.
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
 _KNOBS = ("min_size", "momentum", "clip_norm", "warmup_steps", "capacity", "error_feedback")
-_FORMS = ("use none, topk:<density in (0, 1]>, threshold:<T > 0> or powersgd:<rank >= 1>, "
+_FORMS = ("use none, local, topk:<density in (0, 1]>, threshold:<T > 0> or powersgd:<rank >= 1>, "
           "optionally followed by ,key=value knobs from min_size, momentum, clip_norm, "
           "warmup_steps and capacity (e.g. topk:0.001,momentum=0.9,warmup_steps=1000)")
 
@@ -52,7 +54,8 @@ class Compression:
   """How gradients are exchanged between data-parallel replicas.
 
   Attributes:
-    mode: "none" (dense mean), "topk", "threshold" or "powersgd".
+    mode: "none" (dense mean, XLA's all-reduce), "local" (dense mean, one exchange per
+      step after local gradient accumulation), "topk", "threshold" or "powersgd".
     density: topk: fraction of each leaf's entries sent per step.
     threshold: threshold: entries with |v| > threshold are sent.
     rank: powersgd: rank of the P/Q factors.
@@ -137,9 +140,9 @@ def parse_compression(spec: str) -> Compression:
   mode, colon, value = (part.strip() for part in head.partition(":"))
   fields: dict[str, Any] = {"mode": mode}
   try:
-    if mode == "none":
+    if mode in ("none", "local"):
       if colon:
-        raise fail("none takes no value")
+        raise fail(f"{mode} takes no value")
     elif mode in ("topk", "threshold", "powersgd"):
       if not value:
         raise fail(f"{mode} needs a value")
@@ -197,7 +200,7 @@ class CompressionState(NamedTuple):
   """Per-replica exchange state; every array is `[num_replicas, ...]` (see module doc).
 
   Attributes:
-    residual: error-feedback residuals, shaped like the params (None for mode "none").
+    residual: error-feedback residuals, shaped like the params (None for the dense modes).
     momentum: DGC momentum buffers like the params, or None when momentum is off.
     q: PowerSGD warm-start factors: a tuple with one `[num_replicas, last_dim, rank]` array
       per compressed leaf, in `jax.tree.leaves(params)` order (leaves sent dense have none:
@@ -237,7 +240,7 @@ def init_state(params: Any, compression: Compression, num_replicas: int, *,
   """
   if int(num_replicas) < 1:
     raise ConfigError(f"num_replicas is {num_replicas}; pass the size of the data axis (>= 1).")
-  if compression.mode == "none":
+  if compression.mode in ("none", "local"):
     return CompressionState()
 
   def zeros(leaf):
@@ -415,7 +418,7 @@ def exchange(grads: Any, state: CompressionState, compression: Compression, *,
   leaves, treedef = jax.tree.flatten(grads)
   total = sum(leaf.size for leaf in leaves) * replicas
   zero = jnp.zeros((), jnp.float32)
-  if compression.mode == "none":
+  if compression.mode in ("none", "local"):
     means = [lax.pmean(leaf, axis_name) for leaf in leaves]
     stats = {"sent": zero + total, "total": zero + total, "overflow": zero}
     return jax.tree.unflatten(treedef, means), state, stats

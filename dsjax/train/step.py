@@ -134,8 +134,10 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
         loss_fn, has_aux=True)(state.params)
     return grads, loss, accuracy, model_state, stats
 
-  def gradients(state: TrainState, batch: Batch, rng: jax.Array):
-    """Mean gradient (still loss-scaled), loss, accuracy, model state and stats of a batch."""
+  def gradients(state: TrainState, batch: Batch, rng: jax.Array,
+                replica_axis: str | None = None):
+    """Mean gradient (still loss-scaled), loss, accuracy, model state and stats of a batch;
+    `replica_axis`: the manual mesh axis when computed per replica inside shard_map."""
     if grad_accum_steps == 1:
       grads, loss, accuracy, model_state, stats = micro_step(state, state.model_state, batch,
                                                               rng)
@@ -152,6 +154,10 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       init = (zeros, jnp.zeros(()), jnp.zeros(()), state.model_state)
+      if replica_axis is not None:
+        # Per replica, inside shard_map: the loss sums and the model state the body
+        # returns vary over the replicas, so the carry must start that way.
+        init = (zeros, *_varying(init[1:], replica_axis))
       (grad_sum, loss_sum, accuracy_sum, model_state), stats = jax.lax.scan(
           body, init, (jnp.arange(grad_accum_steps), micro_batches))
       stats = adaptive.merge_layer_stats(stats)
@@ -171,7 +177,7 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
       replica = state.replace(params=params, model_state=model_state, loss_scale=loss_scale)
       with nn.logical_axis_rules(()):  # Inside the manual `data` axis: no constraints.
         grads, loss, accuracy, model_state, stats = gradients(
-            replica, batch, jax.random.fold_in(rng, jax.lax.axis_index("data")))
+            replica, batch, jax.random.fold_in(rng, jax.lax.axis_index("data")), "data")
       grads = loss_scale.unscale(grads)
       grads, grad_sync, sync_stats = compression_lib.exchange(
           grads, grad_sync, grad_compression, axis_name="data", step=state.step,
