@@ -64,7 +64,7 @@ flags.DEFINE_string("architecture", None, "dsjax-train of a DNAS model: the "
 flags.DEFINE_string("init-from", None, "Start from a pretrained checkpoint (bert-*: a Hugging "
                     "Face BERT folder with config.json, model.safetensors, vocab.txt).",
                     flag_values=FLAGS)
-flags.DEFINE_string("grad-compression", None, "Data-parallel gradient exchange: none, "
+flags.DEFINE_string("grad-compression", None, "Data-parallel gradient exchange: none, local, "
                     "topk:DENSITY, threshold:T or powersgd:RANK (parallel.grad_compression).",
                     flag_values=FLAGS)
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=2,model=2,pipe=2 (axes pipe, data, "
