@@ -40,7 +40,8 @@ from dsjax.errors import ConfigError
 
 # "local": the dense mean too, but exchanged once per step by the replicas (after
 # gradient accumulation) instead of by XLA in every micro-batch.
-MODES = ("none", "local", "topk", "threshold", "powersgd")
+DENSE_MODES = ("none", "local")
+MODES = (*DENSE_MODES, "topk", "threshold", "powersgd")
 # DGC's warm-up densities (75%, 93.75%, 98.4375%, 99.6% sparsity), then the target.
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
 _KNOBS = ("min_size", "momentum", "clip_norm", "warmup_steps", "capacity", "error_feedback")
@@ -140,7 +141,7 @@ def parse_compression(spec: str) -> Compression:
   mode, colon, value = (part.strip() for part in head.partition(":"))
   fields: dict[str, Any] = {"mode": mode}
   try:
-    if mode in ("none", "local"):
+    if mode in DENSE_MODES:
       if colon:
         raise fail(f"{mode} takes no value")
     elif mode in ("topk", "threshold", "powersgd"):
@@ -240,7 +241,7 @@ def init_state(params: Any, compression: Compression, num_replicas: int, *,
   """
   if int(num_replicas) < 1:
     raise ConfigError(f"num_replicas is {num_replicas}; pass the size of the data axis (>= 1).")
-  if compression.mode in ("none", "local"):
+  if compression.mode in DENSE_MODES:
     return CompressionState()
 
   def zeros(leaf):
@@ -418,7 +419,7 @@ def exchange(grads: Any, state: CompressionState, compression: Compression, *,
   leaves, treedef = jax.tree.flatten(grads)
   total = sum(leaf.size for leaf in leaves) * replicas
   zero = jnp.zeros((), jnp.float32)
-  if compression.mode in ("none", "local"):
+  if compression.mode in DENSE_MODES:
     means = [lax.pmean(leaf, axis_name) for leaf in leaves]
     stats = {"sent": zero + total, "total": zero + total, "overflow": zero}
     return jax.tree.unflatten(treedef, means), state, stats

@@ -205,6 +205,11 @@ def _layer_fields(layer: nn.Module) -> dict[str, Any]:
           if f.init and f.name not in ("parent", "name")}
 
 
+def _axis_names(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+  """A rule's mesh axes (one name, several, or None) as a tuple of names."""
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def _stage_mesh_axis() -> str | tuple[str, ...] | None:
   """The mesh axis the logical "stages" axis maps to, if rules and a mesh say so.
 
@@ -215,7 +220,7 @@ def _stage_mesh_axis() -> str | tuple[str, ...] | None:
   if mesh.empty:
     return None
   axis = nn.logical_to_mesh_axes((STAGES_AXIS,))[0]
-  names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+  names = _axis_names(axis)
   if not names or any(name not in mesh.axis_names for name in names):
     return None
   return axis
@@ -236,12 +241,8 @@ def _replica_mesh_axes() -> tuple[tuple[str, ...], int]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return (), 1
-
-  def mesh_axes(name: str) -> tuple[str, ...]:
-    axes = nn.logical_to_mesh_axes((name,))[0]
-    return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-  replicas, batch = mesh_axes(REPLICA_AXIS), mesh_axes("batch")
+  replicas, batch = (_axis_names(nn.logical_to_mesh_axes((name,))[0])
+                     for name in (REPLICA_AXIS, "batch"))
   if not replicas or batch[:len(replicas)] != replicas or not set(replicas) <= set(
       mesh.axis_names):
     return (), 1
@@ -251,8 +252,7 @@ def _replica_mesh_axes() -> tuple[tuple[str, ...], int]:
 def _rules_without(axes: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
   """The current logical axis rules with `axes` removed from every mapping."""
   def strip(value: Any) -> Any:
-    kept = tuple(a for a in ((value,) if isinstance(value, str) else value or ()) if a not in axes)
-    return kept or None
+    return tuple(a for a in _axis_names(value) if a not in axes) or None
   return tuple((name, strip(value)) for name, value in nn.get_logical_axis_rules())
 
 
