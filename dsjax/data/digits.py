@@ -7,7 +7,6 @@ seconds, which makes it the default dataset for tests and smoke runs.
 from typing import Any
 
 import numpy as np
-from sklearn import datasets as sk_datasets
 
 from dsjax.data.pipeline import Dataset, check_val_fraction, register_dataset
 from dsjax.errors import DataError
@@ -41,6 +40,8 @@ def load_digits(data_config: Any) -> Dataset:
         f"digits: val_fraction={val_fraction} plus the fixed test fraction "
         f"{TEST_FRACTION} leaves no training data; set "
         "--config.data.val_fraction below 0.8 (e.g. 0.1).")
+  from sklearn import datasets as sk_datasets  # noqa: PLC0415 - slow import, used only here.
+
   raw = sk_datasets.load_digits()
   images = (raw.images.astype(np.float32) / _MAX_PIXEL)[..., None]
   labels = raw.target.astype(np.int32)
