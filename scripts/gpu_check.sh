@@ -7,10 +7,13 @@
 #   bash scripts/gpu_check.sh                     # on the GPU machine
 #   MODEL=bert-tiny BATCH=8 STEPS=4 SIZES=256 bash scripts/gpu_check.sh   # smoke test
 #   SIZES= PRESETS="mixed-fixed mixed-fixed-rbg mixed-fixed-rbg-unroll" bash scripts/gpu_check.sh
+#   SIZES= PRESETS="fp32-highest mixed-fixed-rbg-unroll mixed-fixed-rbg-unroll-cudnn" \
+#     bash scripts/gpu_check.sh
 #
 # A run is a preset followed by -options: fixed (precision.adaptive=False), rbg
 # (train.dropout_rng=rbg), unroll (model.scan_unroll=12), nodrop (model.dropout_rate=0),
-# highest (JAX_DEFAULT_MATMUL_PRECISION=highest: float32 matmuls without TF32).
+# highest (JAX_DEFAULT_MATMUL_PRECISION=highest: float32 matmuls without TF32), cudnn
+# (model.attention_impl=cudnn, fused flash attention, no attention-weight dropout).
 #
 # Wheels for packages the machine lacks are read from .whl/ (scripts/gpu_env.sh).
 set -u
@@ -41,6 +44,8 @@ for run in $PRESETS; do
       rbg) extra="$extra --config.train.dropout_rng=rbg" ;;
       unroll) extra="$extra --config.model.scan_unroll=12" ;;
       nodrop) extra="$extra --config.model.dropout_rate=0.0" ;;
+      cudnn) extra="$extra --config.model.attention_impl=cudnn"
+             extra="$extra --config.model.attention_dropout_rate=0.0" ;;
       highest) matmul_precision=highest ;;
       *) echo "unknown run option $option in $run" >&2; exit 2 ;;
     esac

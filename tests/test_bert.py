@@ -1,5 +1,6 @@
 """BERT: Hugging Face parity on a fixture, shapes, precision, masking, errors, axis names."""
 
+import collections
 import importlib.util
 import json
 import shutil
@@ -229,16 +230,21 @@ def test_activation_constraints_are_a_no_op_without_rules_and_apply_inside_scan(
   assert text.count("sharding_constraint") >= 4
 
 
-def _primitives(jaxpr):
-  names = set()
+def _primitive_counts(jaxpr):
+  """How often each primitive occurs in `jaxpr` and its sub-jaxprs (a loop body once)."""
+  counts = collections.Counter()
   for equation in jaxpr.eqns:
-    names.add(equation.primitive.name)
+    counts[equation.primitive.name] += 1
     for param in equation.params.values():
       for sub in param if isinstance(param, tuple | list) else [param]:
         inner = getattr(sub, "jaxpr", sub)
         if isinstance(inner, jax.extend.core.Jaxpr):
-          names |= _primitives(inner)
-  return names
+          counts += _primitive_counts(inner)
+  return counts
+
+
+def _primitives(jaxpr):
+  return set(_primitive_counts(jaxpr))
 
 
 def test_train_mode_draws_dropout_and_remat_checkpoints_the_layers():
@@ -271,6 +277,41 @@ def test_scan_unroll_keeps_parameters_and_logits():
                              jax.jit(module.apply)(variables, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_keeps_parameters_and_logits(dtype):
+  """attention_impl="jax" (`jax.nn.dot_product_attention`, XLA here; "cudnn" is the same
+  call on a GPU) against the explicit path, with padded rows: the same parameters, and
+  logits equal to float32 rounding (rtol 1e-5) or to a few bfloat16 roundings of the
+  O(1) logits (atol 0.05: u = 2^-8, ten-odd roundings per layer, two layers)."""
+  module, ids = _tiny(dropout_rate=0.0, compute_dtype=dtype), _ids((2, 6), 64)
+  mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], jnp.int32)
+  variables = _random_variables(module, ids)
+  fused = module.clone(attention_impl="jax", attention_dropout_rate=0.0)
+  shapes = nn.unbox(jax.eval_shape(fused.init, jax.random.key(0), ids))
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
+  got = jax.jit(fused.apply)(variables, ids, mask)
+  want = jax.jit(module.apply)(variables, ids, mask)
+  tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"atol": 5e-2}
+  np.testing.assert_allclose(got, want, **tolerance)
+
+
+def test_attention_dropout_rate_is_separate_from_the_residual_dropout():
+  """Dropout draws (traced, not compiled): the embeddings and, per layer, the attention
+  weights and two residual branches; attention_dropout_rate=0 drops one per layer, and
+  None (-1 in the config) follows dropout_rate."""
+  module, ids = _tiny(dropout_rate=0.5), _ids((2, 6), 64)
+  params = _random_variables(module, ids)["params"]
+
+  def draws(model):
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, train=True,
+                                                 rngs={"dropout": jax.random.key(1)}))(params)
+    return _primitive_counts(jaxpr.jaxpr)["random_bits"]
+
+  assert draws(module) == 1 + 3  # One scan body.
+  assert draws(module.clone(attention_dropout_rate=0.0)) == 1 + 2
+  assert draws(module.clone(dropout_rate=0.0, attention_dropout_rate=0.5)) == 1
+
+
 def test_sequence_longer_than_max_position_is_a_config_error():
   with pytest.raises(ConfigError, match="max_position"):
     _tiny().init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
@@ -292,6 +333,15 @@ def test_registered_models():
                                    "dropout_rate": 1.0})
   problems = " ".join(spec.check(bad))
   assert "divisible" in problems and "matmul_impl" in problems and "dropout_rate" in problems
+  # Fused attention has no attention-weight dropout, which by default follows dropout_rate.
+  fused = ml_collections.ConfigDict({**spec.defaults, "attention_impl": "cudnn"})
+  assert "add --config.model.attention_dropout_rate=0" in " ".join(spec.check(fused))
+  fused.attention_dropout_rate = 0.0
+  assert list(spec.check(fused)) == []
+  fused.attention_impl, fused.attention_dropout_rate = "flash", 1.5
+  problems = " ".join(spec.check(fused))
+  assert "attention_impl must be one of explicit, jax, cudnn" in problems
+  assert "attention_dropout_rate must be in [0, 1) or -1" in problems
 
 
 @pytest.mark.parametrize("name", ["bert_tiny.py", "bert_base.py"])

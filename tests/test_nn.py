@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsjax.errors import ConfigError
 from dsjax.nn import (
     Conv,
     Dense,
@@ -27,6 +28,7 @@ from dsjax.nn import (
     LayerNorm,
     MultiHeadAttention,
     PrecisionPlan,
+    attend,
     remat,
     save_half_residuals,
 )
@@ -334,11 +336,16 @@ def _mha_inputs(kind):
   return xq, None, additive  # [batch, heads, q, k]
 
 
+@pytest.mark.parametrize("impl", ["explicit", "jax"])
 @pytest.mark.parametrize("dtype", [jnp.float32, *HALF])
 @pytest.mark.parametrize("kind", ["cross", "causal_bool", "additive"])
-def test_attention_matches_numpy(dtype, kind):
+def test_attention_matches_numpy(dtype, kind, impl):
   xq, xkv, mask = _mha_inputs(kind)
-  layer = MultiHeadAttention(num_heads=2, head_dim=4, compute_dtype=dtype)
+  layer = MultiHeadAttention(num_heads=2, head_dim=4, compute_dtype=dtype, impl=impl)
+  if impl == "jax" and dtype == jnp.float16 and jax.default_backend() == "cpu":
+    with pytest.raises(ConfigError, match="cannot compute float16 on CPU"):
+      _init(layer, xq, xkv, mask)
+    return
   variables, p = _init(layer, xq, xkv, mask)
   out = _apply(layer, variables, xq, xkv, mask)
   ref = _np_mha(p, _f64(xq), _f64(xq if xkv is None else xkv), mask, head_dim=4)
@@ -410,6 +417,96 @@ def test_promoted_attention_keeps_logits_float32():
   assert out.dtype == jnp.float16  # the "out" projection is still half
   ref = _np_mha(jax.tree.map(_f64, params), _f64(x), _f64(x), None, head_dim=4)
   _assert_half_close(out, ref, np.abs(ref), jnp.float16, roundings=3)
+
+
+def _padding_bias(batch, keys, seed=4):
+  """BERT's additive padding bias [batch, 1, 1, keys]: 0 or float32's most negative value,
+  with each row's last keys padded (at least one kept)."""
+  kept = np.random.default_rng(seed).integers(1, keys + 1, batch)
+  bias = np.where(np.arange(keys)[None] < kept[:, None], 0.0, np.finfo(np.float32).min)
+  return jnp.asarray(bias[:, None, None, :], jnp.float32)
+
+
+class _Core(nn.Module):
+  """`attend` on given q, k, v, as a layer (for its statistics)."""
+  dtype: object = jnp.float32
+  impl: str = "explicit"
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, q, k, v, mask, deterministic=True):
+    return attend(self, q, k, v, mask, dtype=self.dtype, dropout_rate=self.dropout_rate,
+                  deterministic=deterministic, impl=self.impl)
+
+
+def _qkv(batch=2, q_len=6, k_len=6, heads=2, head_dim=8):
+  return tuple(_rand((batch, length, heads, head_dim), seed=i)
+               for i, length in enumerate((q_len, k_len, k_len)))
+
+
+def test_fused_attention_gradients_and_statistics_match_the_explicit_path():
+  """`jax.nn.dot_product_attention` (XLA here) under a padding bias at float32's most
+  negative value, which the fused path clips to -2^15: output, gradients with respect to
+  q, k and v (float32: rtol 1e-5 is a few roundings of O(1) values) and the statistics a
+  controller reads (the matmul FLOPs it governs are the same)."""
+  q, k, v = _qkv()
+  mask = _padding_bias(2, 6)
+
+  def run(impl):
+    core = _Core(impl=impl)
+    loss = lambda q, k, v: jnp.sum(core.apply({}, q, k, v, mask) ** 2)
+    out, stats = jax.jit(functools.partial(core.apply, mutable=["precision_stats"]))(
+        {}, q, k, v, mask)
+    return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v), stats["precision_stats"]
+
+  (out, grads, stats), (ref, ref_grads, ref_stats) = run("jax"), run("explicit")
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  for grad, ref_grad in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+  # The fused path sows its output's statistics: the logits are never materialised.
+  np.testing.assert_allclose(stats["max_abs"][0], jnp.max(jnp.abs(out)), rtol=1e-6)
+  assert stats["matmul_flops"][0] == ref_stats["matmul_flops"][0] == 4.0 * 2 * 2 * 6 * 6 * 8
+
+
+def test_fused_attention_refuses_dropout_cpu_cudnn_and_unknown_names():
+  q, k, v = _qkv()
+  with pytest.raises(ConfigError, match="attention_dropout_rate to 0"):
+    _Core(impl="jax", dropout_rate=0.1).apply({}, q, k, v, None, deterministic=False,
+                                              rngs={"dropout": jax.random.key(0)})
+  # Without dropout active (evaluation) the same layer runs.
+  assert _Core(impl="jax", dropout_rate=0.1).apply({}, q, k, v, None).shape == q.shape
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ConfigError, match="NVIDIA GPUs only"):
+      _Core(jnp.float16, impl="cudnn").apply({}, q, k, v, None)
+  # A float32 layer (e.g. promoted by the plan) computes explicitly, wherever it runs.
+  np.testing.assert_array_equal(_Core(impl="cudnn").apply({}, q, k, v, None),
+                                _Core().apply({}, q, k, v, None))
+  with pytest.raises(ConfigError, match="attention_impl must be one of"):
+    _Core(impl="flash").apply({}, q, k, v, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF)
+def test_cudnn_attention_matches_float64(dtype):
+  """cuDNN's fused kernel against float64 numpy, under a padding bias: output and the
+  gradient with respect to q. Inputs, weights and output are each rounded once to the
+  half dtype (the kernel accumulates in float32): 4u of the output's scale bounds it."""
+  q, k, v = (x.astype(dtype) for x in _qkv(batch=4, q_len=128, k_len=128, heads=4,
+                                             head_dim=64))
+  q = q * jnp.asarray(64**-0.5, dtype)
+  mask = _padding_bias(4, 128)
+  out = jax.jit(lambda *a: _Core(dtype, impl="cudnn").apply({}, *a))(q, k, v, mask)
+  logits = np.einsum("bqhd,bkhd->bhqk", _f64(q), _f64(k)) + _f64(mask)
+  ref = np.einsum("bhqk,bkhd->bqhd", _np_softmax(logits), _f64(v))
+  assert out.dtype == dtype
+  np.testing.assert_array_less(np.abs(_f64(out) - ref), 4 * UNIT_ROUNDOFF[dtype] * np.abs(
+      ref).max())
+  grad = jax.jit(jax.grad(lambda q: jnp.sum(
+      _Core(dtype, impl="cudnn").apply({}, q, k, v, mask).astype(jnp.float32) ** 2)))(q)
+  ref_grad = jax.jit(jax.grad(lambda q: jnp.sum(
+      _Core(jnp.float32).apply({}, q, k, v, mask) ** 2)))(q.astype(jnp.float32))
+  np.testing.assert_allclose(_f64(grad), _f64(ref_grad), atol=16 * UNIT_ROUNDOFF[dtype] * float(
+      jnp.abs(ref_grad).max()))
 
 
 def test_attention_dropout():

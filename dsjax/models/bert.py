@@ -91,6 +91,7 @@ class BertSelfAttention(nn.Module):
     compute_dtype: the run's compute dtype.
     plan: precision plan, or None.
     matmul_impl: "xla" or "pallas" for the four projections.
+    attention_impl: one of `dsjax.nn.ATTENTION_IMPLS` (see `dsjax.nn.attend`).
   """
 
   num_heads: int
@@ -99,6 +100,7 @@ class BertSelfAttention(nn.Module):
   compute_dtype: Any = jnp.float32
   plan: dsnn.PrecisionPlan | None = None
   matmul_impl: str = "xla"
+  attention_impl: str = "explicit"
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
@@ -114,12 +116,9 @@ class BertSelfAttention(nn.Module):
     # Scaling q before the product keeps float16 logits in range; HF scales after, which
     # is the same up to float32 rounding.
     query = query * jnp.asarray(self.head_dim**-0.5, query.dtype)
-    logits = dsnn.matmul.einsum("bqhd,bkhd->bhqk", query.astype(dtype),
-                                key.astype(dtype)).astype(dtype)
-    sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [query, key])
-    weights = jax.nn.softmax(logits.astype(jnp.float32) + attention_bias, axis=-1).astype(dtype)
-    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-    context = dsnn.matmul.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype)).astype(dtype)
+    context = dsnn.attend(self, query, key, value, attention_bias, dtype=dtype,
+                          dropout_rate=self.dropout_rate, deterministic=not train,
+                          impl=self.attention_impl)
     return MergeHeadsDense(x.shape[-1], name="out", **layer)(context)
 
 
@@ -129,12 +128,15 @@ class BertLayer(nn.Module):
   Attributes:
     num_heads: attention heads; the width is the input's last axis.
     mlp_dim: width of the MLP's hidden layer.
-    dropout_rate: dropout on attention weights and on both residual branches.
+    dropout_rate: dropout on both residual branches (and the attention weights unless
+      `attention_dropout_rate` is set).
     layer_norm_eps: LayerNorm epsilon.
     compute_dtype: the run's compute dtype.
     plan: precision plan, or None. Paths omit the layer index: one entry per scanned
       sub-layer governs that sub-layer in every layer.
     matmul_impl: "xla" or "pallas".
+    attention_impl: one of `dsjax.nn.ATTENTION_IMPLS`.
+    attention_dropout_rate: dropout on the attention weights; None: `dropout_rate`.
   """
 
   num_heads: int
@@ -144,6 +146,8 @@ class BertLayer(nn.Module):
   compute_dtype: Any = jnp.float32
   plan: dsnn.PrecisionPlan | None = None
   matmul_impl: str = "xla"
+  attention_impl: str = "explicit"
+  attention_dropout_rate: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
@@ -155,8 +159,11 @@ class BertLayer(nn.Module):
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
     carry_dtype = x.dtype
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    attended = BertSelfAttention(self.num_heads, hidden // self.num_heads, self.dropout_rate,
-                                 matmul_impl=self.matmul_impl, name="attention",
+    attention_dropout = (self.dropout_rate if self.attention_dropout_rate is None
+                         else self.attention_dropout_rate)
+    attended = BertSelfAttention(self.num_heads, hidden // self.num_heads, attention_dropout,
+                                 matmul_impl=self.matmul_impl,
+                                 attention_impl=self.attention_impl, name="attention",
                                  **precision)(x, attention_bias, train=train)
     x = dsnn.LayerNorm(name="attention_norm", **norm)(x + dropout(attended))
     y = dsnn.Dense(self.mlp_dim, kernel_axes=("embed", "mlp"), name="mlp_in", **dense)(x)
@@ -186,6 +193,8 @@ class BertEncoder(nn.Module):
     scan_unroll: layers per iteration of the scan's loop (`num_layers`: no loop). The
       parameters stay stacked [layers, ...] either way; unrolling lets XLA fuse across
       layers and drop the loop's per-layer slicing and stacking copies.
+    attention_impl: one of `dsjax.nn.ATTENTION_IMPLS`.
+    attention_dropout_rate: dropout on the attention weights; None: `dropout_rate`.
   """
 
   num_layers: int
@@ -198,6 +207,8 @@ class BertEncoder(nn.Module):
   matmul_impl: str = "xla"
   remat: bool = False
   scan_unroll: int = 1
+  attention_impl: str = "explicit"
+  attention_dropout_rate: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
@@ -217,7 +228,8 @@ class BertEncoder(nn.Module):
                     unroll=min(self.scan_unroll, self.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
-                      self.compute_dtype, self.plan, self.matmul_impl, name="layers")
+                      self.compute_dtype, self.plan, self.matmul_impl, self.attention_impl,
+                      self.attention_dropout_rate, name="layers")
     x, _ = stack(layer, x, attention_bias, train)
     return x
 
@@ -233,7 +245,8 @@ class Bert(nn.Module):
     mlp_dim: MLP hidden width.
     max_position: longest sequence (rows of the position embedding).
     type_vocab_size: token-type (segment) ids.
-    dropout_rate: dropout on embeddings, attention weights and residual branches.
+    dropout_rate: dropout on embeddings, residual branches and (unless
+      `attention_dropout_rate` is set) attention weights.
     layer_norm_eps: LayerNorm epsilon.
     compute_dtype: compute dtype; parameters are always float32.
     plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
@@ -243,6 +256,9 @@ class Bert(nn.Module):
     num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
     num_microbatches: pipeline micro-batches per (gradient-accumulation) batch.
     num_repeats: circular pipeline repeats (`dsjax.parallel.pipeline`); 1 is GPipe.
+    attention_impl: one of `dsjax.nn.ATTENTION_IMPLS` (see `dsjax.nn.attend`).
+    attention_dropout_rate: dropout on the attention weights; None: `dropout_rate`. The
+      fused attention implementations need 0.
   """
 
   vocab_size: int
@@ -262,6 +278,8 @@ class Bert(nn.Module):
   num_stages: int = 1
   num_microbatches: int = 1
   num_repeats: int = 1
+  attention_impl: str = "explicit"
+  attention_dropout_rate: float | None = None
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -311,14 +329,16 @@ class Bert(nn.Module):
     if self.num_stages > 1:
       # GPipe over the `pipe` mesh axis; the same "encoder/layers" parameters as the scan.
       layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
-                        self.compute_dtype, self.plan, self.matmul_impl)
+                        self.compute_dtype, self.plan, self.matmul_impl, self.attention_impl,
+                        self.attention_dropout_rate)
       x = pipeline.Pipeline(layer, self.num_layers, self.num_stages, self.num_microbatches,
                             self.remat, self.num_repeats, name="encoder")(x, attention_bias,
                                                                           train=train)
     else:
       x = BertEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                       self.layer_norm_eps, self.compute_dtype, self.plan, self.matmul_impl,
-                      self.remat, self.scan_unroll, name="encoder")(x, attention_bias,
+                      self.remat, self.scan_unroll, self.attention_impl,
+                      self.attention_dropout_rate, name="encoder")(x, attention_bias,
                                                                    train=train)
     x = dsnn.Dense(self.hidden, kernel_axes=("embed", None), name="mlm_dense", **dense)(x)
     x = dsnn.LayerNorm(name="mlm_norm", **norm)(_gelu(x))
@@ -338,7 +358,14 @@ def _build(model_config: Any, num_classes: int, compute_dtype: Any,
               mlp_dim=model_config.mlp_dim, max_position=model_config.max_position,
               dropout_rate=model_config.dropout_rate, compute_dtype=compute_dtype, plan=plan,
               matmul_impl=model_config.matmul_impl, remat=model_config.remat,
-              scan_unroll=model_config.scan_unroll)
+              scan_unroll=model_config.scan_unroll, attention_impl=model_config.attention_impl,
+              attention_dropout_rate=_attention_dropout(model_config))
+
+
+def _attention_dropout(model_config: Any) -> float:
+  """The attention-weight dropout rate: `attention_dropout_rate`, or -1: `dropout_rate`."""
+  rate = model_config.attention_dropout_rate
+  return model_config.dropout_rate if rate == -1 else rate
 
 
 def _check(model_config: Any) -> list[str]:
@@ -349,6 +376,18 @@ def _check(model_config: Any) -> list[str]:
   if model_config.num_heads >= 1 and model_config.hidden % model_config.num_heads:
     problems.append(f"hidden={model_config.hidden} must be divisible by "
                     f"num_heads={model_config.num_heads}")
+  if model_config.attention_impl not in dsnn.ATTENTION_IMPLS:
+    problems.append(f"attention_impl must be one of {', '.join(dsnn.ATTENTION_IMPLS)}, "
+                    f"got {model_config.attention_impl!r}")
+  attention_dropout = _attention_dropout(model_config)
+  if not (0 <= model_config.attention_dropout_rate < 1
+          or model_config.attention_dropout_rate == -1):
+    problems.append(f"attention_dropout_rate must be in [0, 1) or -1 (as dropout_rate), got "
+                    f"{model_config.attention_dropout_rate}")
+  elif model_config.attention_impl != "explicit" and attention_dropout:
+    problems.append(f"attention_impl={model_config.attention_impl} has no dropout on the "
+                    "attention weights: add --config.model.attention_dropout_rate=0 (the "
+                    "residual dropout_rate stays)")
   return problems + registry.check_shared_fields(model_config)
 
 
@@ -370,7 +409,7 @@ def _flops_per_example(model_config: Any, num_classes: int, example: Any) -> flo
 
 _DEFAULTS = {"hidden": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512,
              "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False,
-             "scan_unroll": 1}
+             "scan_unroll": 1, "attention_impl": "explicit", "attention_dropout_rate": -1.0}
 _SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
           "bert-base": (12, 768, 12, 3072)}
 for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():
@@ -393,8 +432,9 @@ def hf_config_to_model_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
 
   Returns:
     {hidden, num_layers, num_heads, mlp_dim, max_position, dropout_rate}; the vocabulary
-    size (`hf_config["vocab_size"]`) is the data's business and not included. Bert has
-    one dropout rate: `hidden_dropout_prob` (BERT's attention dropout is the same 0.1).
+    size (`hf_config["vocab_size"]`) is the data's business and not included. The dropout
+    rate is `hidden_dropout_prob`; the attention dropout follows it unless the run's config
+    sets `attention_dropout_rate` (BERT's attention dropout is the same 0.1).
 
   Raises:
     CheckpointError: a field is missing, or the config asks for something `Bert` does

@@ -2,6 +2,7 @@
 
 from dsjax.nn import matmul
 from dsjax.nn.layers import (
+    ATTENTION_IMPLS,
     MATMUL_IMPLS,
     STATS,
     Conv,
@@ -9,6 +10,7 @@ from dsjax.nn.layers import (
     Embed,
     LayerNorm,
     MultiHeadAttention,
+    attend,
     sow_stats,
 )
 from dsjax.nn.norm import BATCH_STATS, BatchNorm
@@ -16,6 +18,7 @@ from dsjax.nn.plan import CHOICES, FP32, HALF, PrecisionPlan, layer_dtype, modul
 from dsjax.nn.remat import HALF_DTYPES, remat, save_half_residuals
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "BATCH_STATS",
     "BatchNorm",
     "CHOICES",
@@ -30,6 +33,7 @@ __all__ = [
     "LayerNorm",
     "MultiHeadAttention",
     "PrecisionPlan",
+    "attend",
     "layer_dtype",
     "matmul",
     "module_path",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from dsjax.errors import ConfigError
 from dsjax.nn import matmul
 from dsjax.nn.plan import PrecisionPlan, layer_dtype
 
@@ -29,6 +30,14 @@ Initializer = Callable[..., jax.Array]
 Axes = tuple[str | None, ...]
 STATS = "precision_stats"
 MATMUL_IMPLS = ("xla", "pallas")
+# How `attend` computes softmax(q k^T + bias) v: "explicit" (dsjax's products, float32
+# softmax, dropout; the plan governs the logits), "jax" (`jax.nn.dot_product_attention`,
+# implementation chosen by JAX) or "cudnn" (its fused cuDNN flash-attention kernel, NVIDIA
+# GPUs, float16/bfloat16). The fused ones never materialise the logits and have no dropout.
+ATTENTION_IMPLS = ("explicit", "jax", "cudnn")
+# A masked logit's bias where it must be finite in float16 (cuDNN takes the bias in the
+# input dtype): exp(-32768) is 0 in float32 as surely as exp(finfo.min).
+_FUSED_MASK_BIAS = -2.0**15
 
 
 def sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
@@ -291,6 +300,7 @@ class MultiHeadAttention(nn.Module):
     compute_dtype: the run's half (or float32) compute dtype.
     param_dtype: dtype of the stored parameters.
     plan: precision plan; None means every layer computes in `compute_dtype`.
+    impl: one of `ATTENTION_IMPLS` (see `attend`).
   """
 
   num_heads: int
@@ -300,6 +310,7 @@ class MultiHeadAttention(nn.Module):
   compute_dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   plan: PrecisionPlan | None = None
+  impl: str = "explicit"
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
@@ -329,21 +340,84 @@ class MultiHeadAttention(nn.Module):
     k = project("key", inputs_kv)
     v = project("value", inputs_kv)
     q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-    logits = matmul.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype)).astype(dtype)
-    # This layer's plan entry governs the logits: their range is what overflows in fp16.
-    # FLOPs: the logits and the weighted sum of values, 2 * b*h*q*k*d each.
-    sow_stats(self, logits, 4.0 * logits.size * self.head_dim, [q, k])
-    logits = logits.astype(jnp.float32)
-    if mask is not None:
-      if mask.dtype == jnp.bool_:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      else:
-        logits = logits + mask.astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    if self.dropout_rate > 0.0 and not deterministic:
-      weights = nn.Dropout(self.dropout_rate, deterministic=False)(weights)
-    context = matmul.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype)).astype(dtype)
+    context = attend(self, q, k, v, mask, dtype=dtype, dropout_rate=self.dropout_rate,
+                     deterministic=deterministic, impl=self.impl)
     out = Dense(embed, kernel_axes=("heads", "embed"), kernel_init=self.kernel_init,
                 compute_dtype=self.compute_dtype, param_dtype=self.param_dtype, plan=self.plan,
                 name="out")(context.reshape(*context.shape[:2], -1))
     return out
+
+
+def attend(module: nn.Module, query: jax.Array, key: jax.Array, value: jax.Array,
+           mask: jax.Array | None = None, *, dtype: Any, dropout_rate: float = 0.0,
+           deterministic: bool = True, impl: str = "explicit") -> jax.Array:
+  """softmax(query key^T + mask) value for each head, in `dtype`, the core of attention.
+
+  The explicit implementation computes the logits in `dtype` with float32 accumulation,
+  sows them as `module`'s precision statistics (their range is what overflows in float16),
+  adds the mask and takes the softmax in float32, and applies dropout. The fused ones
+  ("jax", "cudnn") hand q, k, v in `dtype` to `jax.nn.dot_product_attention`, which
+  accumulates and takes the softmax in float32 inside the kernel; the statistics are then
+  those of the output. "cudnn" needs half precision: a plan that promotes the layer to
+  float32 (or a float32 run) computes it explicitly.
+
+  Args:
+    module: the attention layer (for statistics and the dropout rng).
+    query: [batch, q, heads, head_dim], already scaled by head_dim ** -0.5.
+    key: [batch, k, heads, head_dim].
+    value: [batch, k, heads, head_dim].
+    mask: None, a boolean [batch, 1 | heads, q | 1, k] (True: attend) or an additive bias of
+      that shape (float32; masked keys at the dtype's most negative value).
+    dtype: the layer's compute dtype.
+    dropout_rate: dropout on the attention weights; only the explicit implementation has it.
+    deterministic: disables dropout.
+    impl: one of `ATTENTION_IMPLS`.
+
+  Returns:
+    [batch, q, heads, head_dim] in `dtype`.
+
+  Raises:
+    ConfigError: an unknown `impl`, dropout with a fused one, "cudnn" off NVIDIA GPUs, or
+      "jax" in float16 on a CPU (XLA:CPU has no float16 x float16 -> float32 dot).
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ConfigError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                      f"got {impl!r}")
+  query, key, value = (x.astype(dtype) for x in (query, key, value))
+  # FLOPs: the logits and the weighted sum of values, 2 * b*h*q*k*d each.
+  flops = 4.0 * query.shape[0] * query.shape[2] * query.shape[1] * key.shape[1] * query.shape[3]
+  fused = impl == "jax" or (impl == "cudnn" and dtype != jnp.float32)
+  if fused:
+    if dropout_rate > 0.0 and not deterministic:
+      raise ConfigError(f"attention_impl={impl!r} has no dropout on the attention weights: "
+                        "set the model's attention_dropout_rate to 0 or use 'explicit'")
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+      raise ConfigError(f"attention_impl='cudnn' runs on NVIDIA GPUs only (this run's backend "
+                        f"is {jax.default_backend()}): use 'explicit' or 'jax'")
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+      # JAX asks for an F16_F16_F32 dot, which XLA:CPU does not have.
+      raise ConfigError("attention_impl='jax' cannot compute float16 on CPU: use 'explicit'")
+    bias = boolean = None
+    if mask is not None:  # cuDNN wants it [batch, 1 | heads, q, k], not broadcast over q.
+      full = (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])
+      if mask.dtype == jnp.bool_:
+        boolean = jnp.broadcast_to(mask, full)
+      else:
+        bias = jnp.broadcast_to(jnp.maximum(mask.astype(jnp.float32), _FUSED_MASK_BIAS),
+                                full).astype(dtype)
+    context = jax.nn.dot_product_attention(
+        query, key, value, bias, boolean, scale=1.0,
+        implementation="cudnn" if impl == "cudnn" else None).astype(dtype)
+    sow_stats(module, context, flops, [query, key])
+    return context
+  logits = matmul.einsum("bqhd,bkhd->bhqk", query, key).astype(dtype)
+  sow_stats(module, logits, flops, [query, key])
+  logits = logits.astype(jnp.float32)
+  if mask is not None and mask.dtype == jnp.bool_:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  elif mask is not None:
+    logits = logits + mask.astype(jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  if dropout_rate > 0.0 and not deterministic:
+    weights = nn.Dropout(dropout_rate, deterministic=False, parent=module)(weights)
+  return matmul.einsum("bhqk,bkhd->bqhd", weights, value).astype(dtype)
