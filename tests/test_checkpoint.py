@@ -131,7 +131,7 @@ def test_circular_pipeline_resumes_a_scan_layout_checkpoint(tmp_path):
 
 
 @pytest.mark.all_devices
-def test_checkpointer_writes_the_scan_layout_of_a_circular_state(tmp_path):
+def test_checkpointer_writes_the_scan_layout_of_a_circular_state(tmp_path, monkeypatch):
   """Save converts a train state's stage-major [P, R, L/(RP), ...] leaves under "layers"
   (the parameters and the optimizer's momentum alike) to [L, ...]; restore converts back,
   into the target's shardings; other leaves pass through."""
@@ -158,10 +158,16 @@ def test_checkpointer_writes_the_scan_layout_of_a_circular_state(tmp_path):
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   state = jax.tree.map(lambda x: x if x.sharding == stacked else jax.device_put(x, replicated),
                        state)
-  checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints", max_to_keep=1,
+  checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints", max_to_keep=2,
                                          async_save=False, layout=layout)
+  conversions = []  # Layout conversions traced: once per direction, not per save.
+  to_scan = CircularLayout._leaf_to_scan
+  monkeypatch.setattr(CircularLayout, "_leaf_to_scan",
+                      lambda self, x: conversions.append(x) or to_scan(self, x))
   checkpointer.save(1, state, {})
+  checkpointer.save(2, state, {})
   checkpointer.wait()
+  assert len(conversions) == 2  # The parameter and its momentum, traced once.
   _, saved = final_state(tmp_path)
   np.testing.assert_array_equal(saved["params"]["layers"]["w"], scan_layers)
   np.testing.assert_array_equal(saved["params"]["head"], np.ones(2))
@@ -170,6 +176,7 @@ def test_checkpointer_writes_the_scan_layout_of_a_circular_state(tmp_path):
   assert len(momentum) == 1
   np.testing.assert_array_equal(momentum[0], -scan_layers)
   restored, _ = checkpointer.restore(1, state)
+  assert_trees_equal(checkpointer.restore(2, state)[0], restored)
   checkpointer.close()
   assert_trees_equal(restored, state)
   assert restored.params["layers"]["w"].sharding == stacked

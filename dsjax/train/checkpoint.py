@@ -42,6 +42,7 @@ class Checkpointer:
                layout: Any = None):
     self.directory = Path(directory).absolute()
     self._layout = layout
+    self._conversions: dict[Any, Any] = {}  # Jitted layout conversions, one per shardings.
     if self.directory.exists() and not self.directory.is_dir():
       raise CheckpointError(f"checkpoint path {self.directory} exists and is not a folder: "
                             "move it aside or use a new --workdir")
@@ -65,8 +66,7 @@ class Checkpointer:
       return
     if self._layout is not None:
       saved = self._layout.scan_abstract(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-      state = jax.jit(self._layout.to_scan,
-                      out_shardings=jax.tree.map(lambda x: x.sharding, saved))(state)
+      state = self._convert(self._layout.to_scan, state, saved)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
 
@@ -93,8 +93,7 @@ class Checkpointer:
       state, host_state = restored["state"], restored["host"]
       _check_match(state, saved)
       if self._layout is not None:
-        state = jax.jit(self._layout.from_scan,
-                        out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(state)
+        state = self._convert(self._layout.from_scan, state, abstract)
     except CheckpointError:
       raise
     except Exception as error:  # noqa: BLE001 - corrupt files fail in many different ways.
@@ -104,6 +103,15 @@ class Checkpointer:
           "resume from an earlier checkpoint, or use a new --workdir") from error
     log.info("restored checkpoint %s", folder)
     return state, host_state
+
+  def _convert(self, convert: Any, state: Any, target: Any) -> Any:
+    """`convert(state)` under jit, into `target`'s shardings; compiled once per layout of
+    the state and shardings, not at every save."""
+    shardings = jax.tree.map(lambda x: x.sharding, target)
+    key = (convert, jax.tree.structure(state), tuple(jax.tree.leaves(shardings)))
+    if key not in self._conversions:
+      self._conversions[key] = jax.jit(convert, out_shardings=shardings)
+    return self._conversions[key](state)
 
   def _check_shapes(self, step: int, abstract: Any) -> None:
     """Refuses a checkpoint whose array shapes differ from `abstract`'s, from its metadata.
