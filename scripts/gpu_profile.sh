@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A prepared accelerator session that finds where bert-base's step time goes: the
-# Pallas tests compiled for the GPU (not interpreted), then `dsjax-profile --trace` of
-# bert-base under mixed and fp32, ranking programs, XLA instructions and CUDA kernels
+# Pallas and cuDNN-attention tests compiled for the GPU (not interpreted), then
+# `dsjax-profile --trace` of bert-base under mixed and fp32, ranking programs, XLA instructions and CUDA kernels
 # by device time. Results go to $OUT (default runs/gpu): pytest.txt, profile_*.json,
 # profile_*.txt.
 #
@@ -19,9 +19,11 @@ mkdir -p "$OUT"
 source scripts/gpu_env.sh
 
 if [ "${TESTS:-1}" = 1 ]; then
-  echo "== Pallas tests on the GPU (tests/conftest.py defaults to CPU: override)"
+  echo "== Pallas and cuDNN-attention tests on the GPU (tests/conftest.py defaults to CPU)"
   JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_pallas_matmul.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+    tests/test_pallas_matmul.py tests/test_nn.py::test_cudnn_attention_matches_float64 \
+    tests/test_nn.py::test_fused_attention_refuses_dropout_cpu_cudnn_and_unknown_names \
+    2>&1 | tee "$OUT/pytest.txt" | tail -25
 fi
 
 # XLA:GPU replays most of a step as CUDA graphs ("command buffers"); their kernels then
