@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A prepared accelerator session that finds where bert-base's step time goes: the
 # Pallas and cuDNN-attention tests compiled for the GPU (not interpreted), then
-# `dsjax-profile --trace` of bert-base under mixed and fp32, ranking programs, XLA instructions and CUDA kernels
-# by device time. Results go to $OUT (default runs/gpu): pytest.txt, profile_*.json,
-# profile_*.txt.
+# `dsjax-profile --trace` of bert-base under mixed and fp32, ranking programs, XLA
+# instructions and CUDA kernels by device time. Results go to $OUT (default runs/gpu):
+# pytest.txt, profile_*.json, profile_*.txt.
 #
 #   bash scripts/gpu_profile.sh
 #   MODEL=bert-tiny BATCH=8 STEPS=4 bash scripts/gpu_profile.sh   # smoke test
