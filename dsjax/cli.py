@@ -101,8 +101,8 @@ def _with_default_config(argv: list[str]) -> list[str]:
                         f"{CONFIGS_DIR / 'digits_cnn.py'})")
     return argv
   name = _flag_value(argv, "model") or "cnn-digits"
-  path = CONFIGS_DIR / registry.get_spec(name).config_file
-  if not path.exists():
+  path = CONFIGS_DIR / registry.get_spec(name).config_file  # May end in ":ARG".
+  if not path.with_name(path.name.split(":", 1)[0]).exists():
     raise ConfigError(f"the default config of model {name!r} is missing ({path}); "
                       "pass --config FILE")
   return [argv[0], f"--config={path}", *argv[1:]]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from test_checkpoint import assert_trees_equal, final_state
 
+from dsjax import cli
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = f"--config={REPO}/configs/digits_cnn.py:tiny"
 
@@ -103,6 +105,12 @@ def test_extending_steps_matches_a_longer_fresh_run(tmp_path):
   fresh = run_cli(*common, "--steps", "6", "--workdir", str(tmp_path / "fresh"))
   assert fresh.returncode == 0, fresh.stderr
   assert_trees_equal(final_state(tmp_path / "w")[1], final_state(tmp_path / "fresh")[1])
+
+
+def test_model_flag_alone_picks_the_models_config_file_and_argument():
+  argv = cli._with_default_config(["dsjax-train", "--model", "bert-mini", "--steps", "3"])
+  assert argv == ["dsjax-train", f"--config={REPO}/configs/bert_tiny.py:model=bert-mini",
+                  "--model", "bert-mini", "--steps", "3"]
 
 
 BAD_INPUTS = [

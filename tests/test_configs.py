@@ -26,6 +26,13 @@ def test_there_are_configs():
   assert {p.name for p in CONFIG_FILES} >= {"digits_cnn.py", "cifar10_cnn.py"}
 
 
+@pytest.mark.parametrize("name", models.known_models())
+def test_each_models_default_config_trains_that_model(name):
+  """`dsjax-train --model NAME` without --config loads the model's registered file."""
+  path, _, arg = models.get_spec(name).config_file.partition(":")
+  assert load(CONFIGS / path, arg or None).model.name == name
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_config_validates(path, arg):

@@ -418,7 +418,8 @@ for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():
       flops_per_example=_flops_per_example, load_pretrained=_load_pretrained,
       defaults={**_DEFAULTS, "hidden": _hidden, "num_layers": _layers, "num_heads": _heads,
                 "mlp_dim": _mlp},
-      config_file="bert_base.py" if _name == "bert-base" else "bert_tiny.py"))
+      config_file={"bert-base": "bert_base.py", "bert-mini": "bert_tiny.py:model=bert-mini"}.get(
+          _name, "bert_tiny.py")))
 
 
 # ------------------------------------------------------------------ Hugging Face

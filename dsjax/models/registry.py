@@ -26,7 +26,8 @@ class ModelSpec:
       layers compute in `compute_dtype` unless the precision plan promotes them.
     defaults: the model's config fields and their defaults (the schema of `config.model`).
     dataset: the dataset it trains on by default (`config.data.name`).
-    config_file: its experiment file in `configs/`, used when no `--config` is given.
+    config_file: its experiment file in `configs/`, used when no `--config` is given, with
+      the file's argument where it trains several models (`bert_tiny.py:model=bert-mini`).
     check: `(model_config) -> list of problems` for values the types cannot rule out.
     searchable: a DNAS supernet: `dsjax-search` searches it; `dsjax-train` trains only
       the discrete network of a searched `model.architecture`.
