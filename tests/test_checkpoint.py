@@ -109,6 +109,8 @@ def _bert_config(steps, pipe, repeats=1):
   config.data.seq_len, config.data.vocab_size = 16, 128
   config.train.steps, config.train.batch_size = steps, 8
   config.train.eval_every_steps = config.checkpoint.every_steps = 2
+  # Odd: a pipelined evaluation pads each batch to a multiple of its micro-batches.
+  config.train.eval_batch_size = 7
   config.mesh.pipe, config.mesh.num_devices = pipe, pipe
   config.parallel.microbatches, config.parallel.pipeline_repeats = 2, repeats
   config.logging.progress_bar = False

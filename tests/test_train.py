@@ -8,7 +8,15 @@ import pytest
 
 from dsjax import config as config_lib
 from dsjax import data, models
-from dsjax.train import Task, create_train_state, make_train_step, train_and_evaluate
+from dsjax.train import (
+    Task,
+    create_train_state,
+    evaluate,
+    make_eval_step,
+    make_task,
+    make_train_step,
+    train_and_evaluate,
+)
 from dsjax.train.optim import build_optimizer
 
 CLS = Task("classification")
@@ -25,6 +33,27 @@ def _setup(batch_size=32, optimizer="sgd"):
   state = create_train_state(model, tx, dataset.input_shape, seed=0)
   batch = data.BatchIterator(dataset.splits["train"], batch_size, seed=0).batch(0)
   return state, batch, lr
+
+
+def test_mlm_evaluation_does_not_depend_on_the_batch_size():
+  """Evaluation masks each sequence from its index in the split, not from its batch: a
+  tiny BERT scores a split the same in batches of 3, 8 or all of it at once (rtol 1e-6,
+  float32 sums regrouped), as a mesh or pipeline that rounds the batch up needs."""
+  config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
+  config.model.update(hidden=16, num_layers=1, num_heads=2, mlp_dim=32, max_position=16)
+  config.data.seq_len, config.data.vocab_size = 16, 128
+  dataset = data.get_dataset(config.data)
+  task = make_task("mlm", config.data, dataset.metadata)
+  model = models.get_spec("bert-tiny").build(config.model, dataset.num_classes, jnp.float32)
+  state = create_train_state(model, optax.sgd(0.1), task.example_batch(dataset.splits["train"]),
+                             seed=0, task=task)
+  split = {key: value[:40] for key, value in dataset.splits["val"].items()}
+  eval_fn = jax.jit(make_eval_step(task))
+  whole = evaluate(state, eval_fn, split, 40)
+  for batch_size in (3, 8):
+    batched = evaluate(state, eval_fn, split, batch_size)
+    np.testing.assert_allclose(batched["loss"], whole["loss"], rtol=1e-6)
+    assert batched["accuracy"] == pytest.approx(whole["accuracy"], abs=1e-12)
 
 
 def _reference_loss(params, state, batch):

@@ -34,7 +34,7 @@ _RESUME_INVARIANT = ("seed", "model", "data", "optimizer", "precision")
 
 def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
              batch_size: int, mesh: jax.sharding.Mesh | None = None,
-             rules: Any = ()) -> dict[str, float]:
+             rules: Any = (), microbatches: int = 1) -> dict[str, float]:
   """Mean loss and accuracy (AUC for click prediction) over every example of a split.
 
   Args:
@@ -42,9 +42,10 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
     eval_fn: the jitted `step.make_eval_step(task)`.
     arrays: the split, e.g. `{'image': ..., 'label': ...}`.
     batch_size: examples per eval batch (the last one is padded and masked); rounded up
-      to a multiple of the mesh's batch shards.
+      to a multiple of the mesh's batch shards times `microbatches`.
     mesh: the device mesh the state lives on; None: the default device.
     rules: logical -> mesh axis rules.
+    microbatches: the pipeline micro-batches the model splits a batch into (1: none).
 
   Returns:
     `{'loss': ..., 'accuracy': ...}` (plus `'auc'` when the task scores examples).
@@ -52,9 +53,8 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
   # A split smaller than a batch is not padded up to a whole one (a 40-sequence split
   # would otherwise cost a 256-sequence forward pass).
   batch_size = min(batch_size, data.num_examples(arrays))
-  if mesh is not None:
-    ways = parallel_mesh.batch_divisor(mesh)
-    batch_size = -(-batch_size // ways) * ways
+  ways = microbatches * (parallel_mesh.batch_divisor(mesh) if mesh is not None else 1)
+  batch_size = -(-batch_size // ways) * ways
   totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
   scores, masks = [], []
   context = sharding.context(mesh, rules) if mesh is not None else contextlib.nullcontext()
@@ -64,12 +64,16 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
   with context:
     for index, (batch, mask) in enumerate(data.eval_batches(arrays, batch_size)):
       host_mask = mask
+      # Random inputs (MLM masks) follow the example, not the batching: the same loss
+      # whatever the batch size, the mesh's rounding of it or the pipeline's.
+      batch[tasks.EXAMPLE_INDEX] = np.arange(index * batch_size, (index + 1) * batch_size,
+                                             dtype=np.int32)
       if mesh is not None:  # This process's rows (and their mask) as global arrays.
         batch = sharding.global_batch(
             {"mask": mask[start:stop], **{k: v[start:stop] for k, v in batch.items()}},
             batch_sharding, batch_size)
         mask = batch.pop("mask")
-      out = jax.device_get(eval_fn(state, batch, mask, jax.random.PRNGKey(index)))
+      out = jax.device_get(eval_fn(state, batch, mask, jax.random.PRNGKey(0)))
       if "score" in out:
         scores.append(np.asarray(out.pop("score")))
         masks.append(host_mask)
@@ -134,6 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     raise ConfigError(f"model {config.model.name} is a DNAS supernet: run dsjax-search first, "
                       "then retrain its result with --architecture W/architecture.json")
   build = _pipelined_builder(spec, config, mesh)
+  microbatches = _pipeline_microbatches(config, mesh)
   task = tasks.make_task(spec.task, config.data, dataset.metadata)
   tasks.check_dataset(task, dataset.splits, config.model.name, dataset.name)
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, train_cfg.steps)
@@ -277,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           record["compile_time_s"] = compile_time
         if is_eval and dataset.splits.get("val") and data.num_examples(dataset.splits["val"]):
           val = evaluate(state, eval_fn, dataset.splits["val"], train_cfg.eval_batch_size,
-                         mesh, rules)
+                         mesh, rules, microbatches)
           record.update({f"eval_{key}": value for key, value in val.items()})
         writer.write(done, record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
@@ -309,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   for split, prefix in (("val", "eval"), ("test", "test")):
     if dataset.splits.get(split) and data.num_examples(dataset.splits[split]):
       result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size,
-                        mesh, rules)
+                        mesh, rules, microbatches)
       summary.update({f"{prefix}_{key}": value for key, value in result.items()})
   log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                   if isinstance(v, int | float)))
@@ -377,6 +382,12 @@ def _load_params(state: TrainState, params: Any, path: str) -> TrainState:
   return state.replace(params=jax.device_put(params, shardings))
 
 
+def _pipeline_microbatches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+  """How many micro-batches a pipelined model splits each batch into (1: no pipeline)."""
+  stages = mesh.shape["pipe"]
+  return 1 if stages == 1 else config.parallel.microbatches or 2 * stages
+
+
 def _pipelined_builder(spec: models.ModelSpec, config: ml_collections.ConfigDict,
                        mesh: jax.sharding.Mesh) -> Any:
   """The model builder, with the layer stack split into `mesh.pipe` stages."""
@@ -388,7 +399,7 @@ def _pipelined_builder(spec: models.ModelSpec, config: ml_collections.ConfigDict
     raise ConfigError(f"mesh pipe={stages}, but model {spec.name} has no layer stack to split "
                       f"into pipeline stages; use pipe=1 (pipelined models: "
                       f"{', '.join(pipelined)})")
-  microbatches = config.parallel.microbatches or 2 * stages
+  microbatches = _pipeline_microbatches(config, mesh)
   micro_batch = config.train.batch_size // config.train.grad_accum_steps
   if micro_batch % microbatches:
     raise ConfigError(f"the micro-batch of {micro_batch} examples (train.batch_size / "

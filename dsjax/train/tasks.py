@@ -10,6 +10,7 @@ the mean loss of a batch is `sum(loss) / sum(weight)` whatever the task.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,9 @@ from dsjax.errors import ConfigError
 
 Batch = Mapping[str, jax.Array]
 TASKS = ("classification", "mlm", "ctr")
+# An evaluation batch's position of each example in its split (`dsjax.train.evaluate`):
+# random evaluation inputs (MLM masks) are drawn per example from it.
+EXAMPLE_INDEX = "example_index"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +54,29 @@ class Task:
             "mlm": ("input_ids", "attention_mask", "token_type_ids")}[self.name]
 
   def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    """On-device preparation inside the jitted step (deterministic given `rng`)."""
+    """On-device preparation inside the jitted step (deterministic given `rng`).
+
+    A batch with an `EXAMPLE_INDEX` entry (evaluation) draws each example's randomness
+    (its MLM mask) from `rng` folded with its index, so an example is corrupted the same
+    way whatever the batch size, mesh or pipeline that evaluates it.
+    """
     batch = dict(batch)
+    index = batch.pop(EXAMPLE_INDEX, None)
     if self.name == "classification" and self.augment and train:
       from dsjax.data import augment  # noqa: PLC0415 - only image runs need it.
       batch["image"] = augment.random_crop_flip(rng, batch["image"])
     elif self.name == "mlm":
       from dsjax.data import text  # noqa: PLC0415 - only token runs need it.
-      batch["input_ids"], batch["mlm_labels"], batch["mlm_weights"] = text.mask_tokens(
-          rng, batch["input_ids"], batch["attention_mask"],
-          mlm_probability=self.mlm_probability, mask_id=self.mask_id,
+      mask = functools.partial(
+          text.mask_tokens, mlm_probability=self.mlm_probability, mask_id=self.mask_id,
           vocab_size=self.vocab_size, special_ids=self.special_ids)
+      if index is not None:
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, index)
+        mask = jax.vmap(mask)
+      else:
+        keys = rng
+      batch["input_ids"], batch["mlm_labels"], batch["mlm_weights"] = mask(
+          keys, batch["input_ids"], batch["attention_mask"])
     return batch
 
   def model_args(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
