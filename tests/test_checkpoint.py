@@ -110,7 +110,7 @@ def _bert_config(steps, pipe, repeats=1):
   config.train.steps, config.train.batch_size = steps, 8
   config.train.eval_every_steps = config.checkpoint.every_steps = 2
   # Odd: a pipelined evaluation pads each batch to a multiple of its micro-batches.
-  config.train.eval_batch_size = 7
+  config.train.eval_batch_size = 63
   config.mesh.pipe, config.mesh.num_devices = pipe, pipe
   config.parallel.microbatches, config.parallel.pipeline_repeats = 2, repeats
   config.logging.progress_bar = False
