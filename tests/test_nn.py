@@ -507,6 +507,11 @@ def test_cudnn_attention_matches_float64(dtype):
       _Core(jnp.float32).apply({}, q, k, v, mask) ** 2)))(q.astype(jnp.float32))
   np.testing.assert_allclose(_f64(grad), _f64(ref_grad), atol=16 * UNIT_ROUNDOFF[dtype] * float(
       jnp.abs(ref_grad).max()))
+  # Under vmap (as the pipeline runs its stages) with a batched mask: each slice as alone.
+  stacked = [jnp.stack([x, x[::-1]]) for x in (q, k, v, mask)]
+  out_vmapped = jax.jit(jax.vmap(lambda *a: _Core(dtype, impl="cudnn").apply({}, *a)))(*stacked)
+  np.testing.assert_allclose(_f64(out_vmapped[0]), _f64(out),
+                             atol=2 * UNIT_ROUNDOFF[dtype] * np.abs(ref).max())
 
 
 def test_attention_dropout():

@@ -398,8 +398,12 @@ def attend(module: nn.Module, query: jax.Array, key: jax.Array, value: jax.Array
       # JAX asks for an F16_F16_F32 dot, which XLA:CPU does not have.
       raise ConfigError("attention_impl='jax' cannot compute float16 on CPU: use 'explicit'")
     bias = boolean = None
-    if mask is not None:  # cuDNN wants it [batch, 1 | heads, q, k], not broadcast over q.
-      full = (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])
+    if mask is not None:
+      # cuDNN wants the mask [batch, 1 | heads, q, k], not broadcast over q; and under vmap
+      # (the pipeline's stages and replicas) JAX's batching rule reshapes a batched bias
+      # to [vmapped x batch, heads, q, k], so there it must carry every head.
+      heads = query.shape[2] if impl == "cudnn" else mask.shape[1]
+      full = (query.shape[0], heads, query.shape[1], key.shape[1])
       if mask.dtype == jnp.bool_:
         boolean = jnp.broadcast_to(mask, full)
       else:
