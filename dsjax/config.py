@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Circular pipeline: each microbatch goes round the stages this many times (layers are
   # cut into repeats x pipe chunks); 1 is GPipe. Needs microbatches >= mesh.pipe.
   config.parallel.pipeline_repeats = 1
+  # With FSDP: gather each stage's weights once per step for the whole schedule (and reduce
+  # their gradient once), not in every schedule step: more memory, less traffic. Same as
+  # the rule replica=data+fsdp (MaxText's pipeline_fsdp_ag_once).
+  config.parallel.pipeline_fsdp_gather_once = False
   # Data-parallel gradient exchange (dsjax.parallel.compression): none (XLA's dense
   # all-reduce), topk:DENSITY, threshold:T or powersgd:RANK, plus ",knob=value" options.
   config.parallel.grad_compression = "none"
@@ -293,6 +297,12 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
     compression.parse_compression(config.parallel.grad_compression)
   except ConfigError as error:
     problems.append(f"parallel.grad_compression: {error}")
+  try:
+    from dsjax.parallel import sharding  # noqa: PLC0415 - imports jax.
+
+    sharding.config_rules(config.parallel)
+  except ConfigError as error:
+    problems.append(str(error))
   check(config.parallel.pipeline_repeats >= 1,
         f"parallel.pipeline_repeats must be >= 1 (1: GPipe), got "
         f"{config.parallel.pipeline_repeats}")

@@ -92,6 +92,21 @@ def test_incompatible_config_is_refused(tmp_path):
     train_and_evaluate(config, tmp_path)
 
 
+def test_a_field_added_since_the_run_resumes_at_its_default_only(tmp_path):
+  """A workdir written before a config field existed (its config.json lacks the key)
+  resumes while the field keeps its default, and is refused once it does not."""
+  train_and_evaluate(tiny_config(3), tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["matmul_impl"] == "xla"  # The default.
+  del saved["model"]["matmul_impl"], saved["optimizer"]["momentum"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  changed = tiny_config(4)
+  changed.model.matmul_impl = "pallas"
+  with pytest.raises(CheckpointError, match="different model settings"):
+    train_and_evaluate(changed, tmp_path)
+  assert train_and_evaluate(tiny_config(4), tmp_path)["steps"] == 4
+
+
 def test_incompatible_arrays_are_refused_even_without_config_json(tmp_path):
   train_and_evaluate(tiny_config(3), tmp_path)
   (tmp_path / "config.json").unlink()

@@ -4,6 +4,7 @@ import pytest
 
 from dsjax import config as config_lib
 from dsjax.errors import ConfigError
+from dsjax.parallel import sharding
 
 
 def _config():
@@ -79,6 +80,18 @@ def test_batch_must_split_into_micro_batches():
   expected = "batch_size=30 does not split into .*=4 equal micro-batches"
   with pytest.raises(ConfigError, match=expected):
     config_lib.validate(config)
+
+
+def test_pipeline_fsdp_gather_once_is_the_replica_rule():
+  config = _config()
+  config.parallel.pipeline_fsdp_gather_once = True
+  rules = sharding.config_rules(config.parallel)
+  assert rules[0] == ("replica", ("data", "fsdp"))  # First: it wins over the default.
+  config.parallel.rules = "replica=data"
+  with pytest.raises(ConfigError, match="names replica too: keep one of them"):
+    config_lib.validate(config)
+  config.parallel.pipeline_fsdp_gather_once = False
+  config_lib.validate(config)
 
 
 def test_all_problems_in_one_message():

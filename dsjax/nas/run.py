@@ -25,7 +25,7 @@ import optax
 import tqdm
 
 from dsjax import data, models, precision
-from dsjax.config import validate
+from dsjax.config import base_config, validate, with_model_defaults
 from dsjax.data.pipeline import split_train_val
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.nas import cost, derivation, search, space
@@ -56,8 +56,9 @@ def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
   Raises:
     CheckpointError: config.json is unreadable, or a resume-invariant section changed.
   """
-  saved = checkpoint.check_resumable(workdir, config, _RESUME_INVARIANT,
-                                     ignore={"search": ["steps"]})
+  saved = checkpoint.check_resumable(
+      workdir, config, _RESUME_INVARIANT, ignore={"search": ["steps"]},
+      defaults=with_model_defaults(base_config(), config.model.name))
   saved_steps = (saved or {}).get("search", {}).get("steps")
   if saved_steps is not None and saved_steps != config.search.steps:
     log.warning("search.steps changed from %s to %d: the temperature, auxiliary-skip and "

@@ -27,6 +27,7 @@ from dsjax.parallel.mesh import AXES, BATCH_AXES
 log = logging.getLogger(__name__)
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+REPLICA = "replica"  # The logical axis of per-data-replica copies.
 
 DEFAULT_RULES: Rules = (
     ("batch", BATCH_AXES),
@@ -40,7 +41,7 @@ DEFAULT_RULES: Rules = (
     ("length", None),
     ("layers", "pipe"),
     ("stages", "pipe"),
-    ("replica", "data"),  # Per-replica state: error-feedback residuals, pipeline weight copies.
+    (REPLICA, "data"),  # Per-replica state: error-feedback residuals, pipeline weight copies.
 )
 
 
@@ -75,6 +76,28 @@ def parse_rules(overrides: str | Sequence[Any] = ()) -> Rules:
         raise ConfigError(f"parallel.rules: {name}={axis}: unknown mesh axis {axis!r}; mesh "
                           f"axes are {', '.join(AXES)}")
   return tuple(pairs) + DEFAULT_RULES
+
+
+def config_rules(parallel: Any) -> Rules:
+  """The rules of a run: `parallel.rules` overrides, plus `replica=data+fsdp` under
+  `parallel.pipeline_fsdp_gather_once`.
+
+  Args:
+    parallel: the config's `parallel` section.
+
+  Returns:
+    The rules, overrides first.
+
+  Raises:
+    ConfigError: a malformed rule, or a `replica` rule next to the flag that sets it.
+  """
+  rules = parse_rules(parallel.rules)
+  if not parallel.pipeline_fsdp_gather_once:
+    return rules
+  if any(name == REPLICA for name, _ in rules[:len(rules) - len(DEFAULT_RULES)]):
+    raise ConfigError("parallel.pipeline_fsdp_gather_once sets the rule replica=data+fsdp, "
+                      "but parallel.rules names replica too: keep one of them")
+  return ((REPLICA, ("data", "fsdp")),) + rules
 
 
 def logical_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:

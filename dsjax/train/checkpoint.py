@@ -162,8 +162,26 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _differs(saved: Any, current: Any, default: Any) -> bool:
+  """Whether a saved config value differs from the current one, a key missing from the
+  saved side counting as equal where the current value is the default."""
+  if not (isinstance(saved, dict) and isinstance(current, dict)):
+    return saved != current
+  default = default if isinstance(default, dict) else {}
+  for key in saved.keys() | current.keys():
+    if key not in saved and key in current and key in default:
+      if current[key] != default[key]:
+        return True
+    elif key not in saved or key not in current:
+      return True
+    elif _differs(saved[key], current[key], default.get(key)):
+      return True
+  return False
+
+
 def check_resumable(workdir: Path, config: Any, sections: Sequence[str], *,
-                    ignore: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any] | None:
+                    ignore: Mapping[str, Sequence[str]] | None = None,
+                    defaults: Any = None) -> dict[str, Any] | None:
   """Refuses to resume a workdir whose saved config differs in a resume-invariant section.
 
   Args:
@@ -172,6 +190,9 @@ def check_resumable(workdir: Path, config: Any, sections: Sequence[str], *,
     sections: top-level config keys that must be unchanged (they give the checkpointed
       arrays, the data positions and the objective their meaning).
     ignore: keys inside those sections that may change, e.g. `{"search": ["steps"]}`.
+    defaults: the config schema's defaults (a ConfigDict): a key the saved config lacks
+      (a field added to dsjax since that run) is unchanged while this run leaves it at
+      its default.
 
   Returns:
     The saved config (for warnings about changed lengths), or None if there is none.
@@ -188,6 +209,7 @@ def check_resumable(workdir: Path, config: Any, sections: Sequence[str], *,
     raise CheckpointError(f"{saved_path} is not valid JSON ({error}); move the workdir "
                           "aside or use a new --workdir") from error
   current = json.loads(config.to_json())
+  default = json.loads(defaults.to_json()) if defaults is not None else {}
 
   def section(tree: dict[str, Any], key: str) -> Any:
     value = tree.get(key)
@@ -195,7 +217,8 @@ def check_resumable(workdir: Path, config: Any, sections: Sequence[str], *,
       value = {k: v for k, v in value.items() if k not in ignore[key]}
     return value
 
-  changed = [key for key in sections if section(saved, key) != section(current, key)]
+  changed = [key for key in sections
+             if _differs(section(saved, key), section(current, key), default.get(key))]
   if changed:
     raise CheckpointError(
         f"workdir {workdir} holds checkpoints of a run with different {', '.join(changed)} "

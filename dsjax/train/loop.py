@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 
 from dsjax import data, models, precision, profile
-from dsjax.config import validate
+from dsjax.config import base_config, validate, with_model_defaults
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.parallel import compression as compression_lib
 from dsjax.parallel import distributed, pipeline, sharding
@@ -91,7 +91,9 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
 
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose saved config differs in a resume-invariant section."""
-  saved = checkpoint.check_resumable(workdir, config, _RESUME_INVARIANT)
+  saved = checkpoint.check_resumable(
+      workdir, config, _RESUME_INVARIANT,
+      defaults=with_model_defaults(base_config(), config.model.name))
   if saved is None:
     return
   saved_steps = saved.get("train", {}).get("steps")
@@ -124,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
   mesh = parallel_mesh.make_mesh(config.mesh)
-  rules = sharding.parse_rules(config.parallel.rules)
+  rules = sharding.config_rules(config.parallel)
   sharding.check_batch(mesh, train_cfg.batch_size // train_cfg.grad_accum_steps,
                        "train.batch_size / train.grad_accum_steps (the micro-batch)",
                        "set the batch size (or the micro-batch count)")
