@@ -485,6 +485,18 @@ def test_fused_attention_refuses_dropout_cpu_cudnn_and_unknown_names():
     _Core(impl="flash").apply({}, q, k, v, None)
 
 
+def test_fused_attention_turns_kernel_refusals_into_config_errors(monkeypatch):
+  """What the fused kernel refuses (cuDNN: an odd sequence length with a bias, a head
+  width it lacks, ...) is one ConfigError naming the shapes and the way out."""
+  def refuse(*args, **kwargs):
+    raise NotImplementedError("Q must be fp16/bf16, got float64")
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+  with pytest.raises(ConfigError, match=r"attention_impl='jax' cannot compute this attention "
+                     r"\(q \(2, 6, 2, 8\), .*Q must be fp16/bf16.*use 'explicit'"):
+    _Core(impl="jax").apply({}, *_qkv(), None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF)
 def test_cudnn_attention_matches_float64(dtype):

@@ -409,9 +409,14 @@ def attend(module: nn.Module, query: jax.Array, key: jax.Array, value: jax.Array
       else:
         bias = jnp.broadcast_to(jnp.maximum(mask.astype(jnp.float32), _FUSED_MASK_BIAS),
                                 full).astype(dtype)
-    context = jax.nn.dot_product_attention(
-        query, key, value, bias, boolean, scale=1.0,
-        implementation="cudnn" if impl == "cudnn" else None).astype(dtype)
+    try:
+      context = jax.nn.dot_product_attention(
+          query, key, value, bias, boolean, scale=1.0,
+          implementation="cudnn" if impl == "cudnn" else None).astype(dtype)
+    except (ValueError, NotImplementedError) as error:  # Shapes the kernel does not take.
+      raise ConfigError(f"attention_impl={impl!r} cannot compute this attention (q "
+                        f"{query.shape}, k {key.shape}, {jnp.dtype(dtype).name}): {error}; use "
+                        "'explicit'") from error
     sow_stats(module, context, flops, [query, key])
     return context
   logits = matmul.einsum("bqhd,bkhd->bhqk", query, key).astype(dtype)
