@@ -1,6 +1,6 @@
-"""Command-line entry points: `dsjax-train` (also `python -m dsjax.train`) and
+"""Command-line entry points: `dsjax-train` (also `python -m dsjax.train`),
 `dsjax-profile` (also `python -m dsjax.profile`), `dsjax-search` (also
-`python -m dsjax.nas`).
+`python -m dsjax.nas`) and `dsjax-plot`.
 
   dsjax-train --model cnn-digits --precision fp32 --batch-size 64 \\
       --gradient-accumulation 2 --steps 300 --workdir runs/digits
@@ -8,15 +8,20 @@
       --workdir runs/digits
 
 The short flags are shorthands for config fields. Without `--config`, the model's own
-experiment file from `configs/` is the starting point. Every user error ends the process
-with one line on stderr and exit status 2, never a traceback.
+experiment file from `configs/` (installed as `dsjax.configs`) is the starting point.
+Each command takes only the flags that act in it (`--help` lists them) and refuses the
+others. Every user error ends the process with one line on stderr and exit status 2,
+never a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.resources
 import logging
 import re
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +32,10 @@ from ml_collections import config_flags
 from dsjax import precision
 from dsjax.errors import ConfigError, DsjaxError
 from dsjax.models import registry
+from dsjax.train.workdir import describe_os_error
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The repository's `configs/`, which an installed package carries as `dsjax.configs`.
+CONFIGS_DIR = Path(str(importlib.resources.files("dsjax.configs")))
 
 # Short flag -> config field it sets.
 _SHORTHANDS = {
@@ -79,6 +86,65 @@ flags.DEFINE_bool("trace", False, "dsjax-profile: also write a jax.profiler trac
                   "WORKDIR/trace (TensorBoard profile plugin or Perfetto).", flag_values=FLAGS)
 
 _PROFILE_STEPS = 20
+_HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+_RUN_FLAGS = ("config", "model", "precision", "batch-size", "gradient-accumulation", "steps",
+              "seed", "workdir", "architecture", "init-from", "grad-compression", "mesh",
+              "coordinator", "num-processes", "process-id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """What one entry point does and which flags act in it.
+
+  Attributes:
+    name: the program name, e.g. `dsjax-train`.
+    summary: what it does, for `--help`.
+    flags: the flags it takes; any other flag of `FLAGS` is refused.
+    refused: why a flag it does not take cannot act there (the error names the reason).
+    example: one command line, for `--help`.
+    default_model: the model whose experiment file is used without --model or --config.
+  """
+
+  name: str
+  summary: str
+  flags: tuple[str, ...]
+  refused: dict[str, str]
+  example: str
+  default_model: str = "cnn-digits"
+
+
+_NO_SEARCH_LOOP = ("the DNAS search has its own loop, which runs on one device without a "
+                   "mesh, gradient exchange or multi-process set-up")
+TRAIN = Command(
+    "dsjax-train", "Trains a registered model and evaluates it; writes checkpoints, "
+    "metrics.jsonl, TensorBoard events, config.json and summary.json into --workdir. "
+    "Rerunning on the same workdir resumes from its last checkpoint.",
+    _RUN_FLAGS, {"trace": "a jax.profiler trace is taken by dsjax-profile"},
+    "dsjax-train --model cnn-digits --precision mixed --steps 300 --workdir runs/digits")
+PROFILE = Command(
+    "dsjax-profile", "Runs a short training job (--steps, default 20) and reports the step "
+    "time, its breakdown (compute, communication, data wait), FLOPs, MFU and memory; "
+    "writes WORKDIR/profile.json, and with --trace a jax.profiler trace.",
+    (*_RUN_FLAGS, "trace"), {},
+    "dsjax-profile --model bert-tiny --mesh data=2,model=2 --steps 10 --workdir runs/prof")
+SEARCH = Command(
+    "dsjax-search", "Runs the differentiable architecture search (DNAS) of a dnas-* model: "
+    "weights on train batches, architecture logits on validation batches; writes "
+    "WORKDIR/architecture.json and probabilities.txt. Retrain the result with "
+    "dsjax-train --architecture WORKDIR/architecture.json.",
+    ("config", "model", "precision", "batch-size", "steps", "seed", "workdir"),
+    {"gradient-accumulation": _NO_SEARCH_LOOP, "grad-compression": _NO_SEARCH_LOOP,
+     "mesh": _NO_SEARCH_LOOP, "coordinator": _NO_SEARCH_LOOP,
+     "num-processes": _NO_SEARCH_LOOP, "process-id": _NO_SEARCH_LOOP,
+     "init-from": "a search starts its supernet from scratch",
+     "architecture": "it retrains a searched network: use dsjax-train",
+     "trace": "a jax.profiler trace is taken by dsjax-profile"},
+    "dsjax-search --model dnas-digits --steps 600 --workdir runs/search", "dnas-digits")
+_METAVARS = {"config": "FILE[:variant]", "model": "NAME", "precision": "{fp32,bf16,fp16,mixed}",
+             "workdir": "DIR", "architecture": "FILE", "init-from": "DIR",
+             "grad-compression": "SPEC", "mesh": "AXIS=SIZE,...", "coordinator": "HOST:PORT"}
+# dsjax-search's --steps is the search's own step count.
+_SEARCH_SHORTHANDS = {"steps": "search.steps"}
 
 
 def _flag_value(argv: Sequence[str], name: str) -> str | None:
@@ -91,16 +157,23 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
   return None
 
 
-def _with_default_config(argv: list[str]) -> list[str]:
+def _with_default_config(argv: list[str], default_model: str = "cnn-digits") -> list[str]:
   """Adds `--config=<the model's experiment file>` when no --config was given."""
   config_arg = _flag_value(argv, "config")
   if config_arg is not None:
-    path = Path(config_arg.split(":", 1)[0]).expanduser()
-    if not path.is_file():
-      raise ConfigError(f"config file {path} not found (--config takes a path such as "
-                        f"{CONFIGS_DIR / 'digits_cnn.py'})")
-    return argv
-  name = _flag_value(argv, "model") or "cnn-digits"
+    name, colon, variant = config_arg.partition(":")
+    path = _find_config_file(Path(name).expanduser())
+    if path is None:
+      raise ConfigError(f"config file {name} not found, neither here nor among dsjax's "
+                        f"configs in {CONFIGS_DIR} (--config takes a path such as "
+                        "configs/digits_cnn.py:tiny)")
+    rest, skip = [], False
+    for arg in argv[1:]:  # Every other flag, in order; `--config FILE` drops both parts.
+      if not skip and arg != "--config" and not arg.startswith("--config="):
+        rest.append(arg)
+      skip = arg == "--config"
+    return [argv[0], f"--config={path}{colon}{variant}", *rest]
+  name = _flag_value(argv, "model") or default_model
   path = CONFIGS_DIR / registry.get_spec(name).config_file  # May end in ":ARG".
   if not path.with_name(path.name.split(":", 1)[0]).exists():
     raise ConfigError(f"the default config of model {name!r} is missing ({path}); "
@@ -108,10 +181,26 @@ def _with_default_config(argv: list[str]) -> list[str]:
   return [argv[0], f"--config={path}", *argv[1:]]
 
 
-def _parse(argv: list[str]):
+def _find_config_file(path: Path) -> Path | None:
+  """An experiment file by its path, else among the installed configs (`digits_cnn.py`
+  or `configs/digits_cnn.py` work from any folder once dsjax is installed)."""
+  if path.is_file():
+    return path
+  if path.is_absolute():
+    return None
+  parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+  candidate = CONFIGS_DIR.joinpath(*parts) if parts else None
+  return candidate if candidate is not None and candidate.is_file() else None
+
+
+def _parse(command: Command, argv: list[str]):
   """Parses flags into the resolved config; user errors become ConfigError."""
   try:
-    FLAGS(_with_default_config(argv))
+    FLAGS(_with_default_config(argv, command.default_model))
+    for name in FLAGS:  # `--config.a.b` overrides are flags of their own, named so.
+      if FLAGS[name].present and name.split(".")[0] not in command.flags:
+        reason = command.refused.get(name, "it has no effect there")
+        raise ConfigError(f"{command.name} does not take --{name}: {reason}")
     config = FLAGS.config
     config.get("model")  # config_flags defers load errors to the first access.
   except DsjaxError:
@@ -139,7 +228,8 @@ def _parse(argv: list[str]):
 
     for axis, size in parse_mesh(FLAGS.mesh).items():
       config.mesh[axis] = size
-  for flag, field in _SHORTHANDS.items():
+  shorthands = {**_SHORTHANDS, **(_SEARCH_SHORTHANDS if command is SEARCH else {})}
+  for flag, field in shorthands.items():
     if FLAGS[flag].value is not None:
       section, _, key = field.rpartition(".")
       (config[section] if section else config)[key] = FLAGS[flag].value
@@ -172,18 +262,91 @@ def _describe(error: BaseException) -> str:
   return f"{type(error).__name__}: {error}{where}"
 
 
-def _run(program: str, argv: Sequence[str] | None, action):
-  """Parses flags, runs `action(config)`, and turns user errors into one line + exit 2."""
+def usage(command: Command, full: bool = False) -> str:
+  """The `--help` text of a command: what it does, its flags with their meanings and
+  defaults, the registered models, how configs and overrides work, and an example.
+
+  Args:
+    command: the entry point.
+    full: also list absl's own flags (`--helpfull`).
+
+  Returns:
+    The text, ready to print.
+  """
+  wrap = lambda text, indent: textwrap.fill(  # noqa: E731
+      " ".join(text.split()), 92, initial_indent=indent, subsequent_indent=indent)
+  lines = [f"usage: {command.name} [--model NAME | --config FILE[:variant]] --workdir DIR "
+           "[flags] [--config.a.b=value ...]", "", wrap(command.summary, ""), "", "flags:"]
+  for name in command.flags:
+    flag = FLAGS[name]
+    meta = "" if flag.boolean else " " + _METAVARS.get(name, "N")
+    lines.append(f"  --{name}{meta}")
+    lines.append(wrap(f"{flag.help} (default: {_default_text(command, name)})", "      "))
+  lines += ["", "models (--model NAME; its default experiment file in "
+            f"{CONFIGS_DIR}):"]
+  for name in registry.known_models():
+    spec = registry.get_spec(name)
+    if command is SEARCH and not spec.searchable:
+      continue
+    lines.append(f"  {name:<13} {spec.task:<15} data {spec.dataset:<14} "
+                 f"config {spec.config_file}")
+  lines += ["", "configs:", wrap(
+      "--config FILE[:variant] loads an experiment file, a Python file whose get_config(arg) "
+      "returns an ml_collections ConfigDict; the text after ':' is its argument, e.g. "
+      "digits_cnn.py:tiny for the test-size variant. Any field can then be overridden "
+      "with --config.section.field=value (e.g. --config.optimizer.learning_rate=3e-4, "
+      "--config.model.features='(16,32)'); an unknown key is an error that names it. "
+      "The short flags above set the config fields named in their defaults.", "  "),
+            "", "example:", f"  {command.example}"]
+  if full:
+    lines += ["", "all flags (absl):", FLAGS.get_help()]
+  return "\n".join(lines) + "\n"
+
+
+def _default_text(command: Command, name: str) -> str:
+  """What a flag's default is, in words: most short flags leave the config's field."""
+  fields = {**_SHORTHANDS, **(_SEARCH_SHORTHANDS if command is SEARCH else {}),
+            "architecture": "model.architecture", "mesh": "mesh.*"}
+  if command is PROFILE and name == "steps":
+    return f"{_PROFILE_STEPS} profiled steps"
+  if name in fields:
+    return f"the config's {fields[name]}"
+  return {"model": f"{command.default_model}, or the config file's model.name",
+          "config": "the model's own experiment file",
+          "workdir": "none, it is required"}.get(name, str(FLAGS[name].default))
+
+
+def _help_requested(argv: Sequence[str]) -> str | None:
+  """The help flag in argv (before a `--` terminator), if any."""
+  for arg in argv[1:]:
+    if arg == "--":
+      return None
+    if arg in _HELP_FLAGS or arg.startswith("--helpfull="):
+      return arg
+  return None
+
+
+def _run(command: Command, argv: Sequence[str] | None, action):
+  """Parses flags, runs `action(config)`, and turns user errors into one line + exit 2.
+  `-h`/`--help` prints the usage and exits 0."""
   argv = list(sys.argv if argv is None else argv)
+  help_flag = _help_requested(argv)
+  if help_flag is not None:
+    print(usage(command, full=help_flag.startswith("--helpfull")), end="")
+    sys.exit(0)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("dsjax").setLevel(logging.INFO)
   try:
-    return action(_parse(argv))
+    return action(_parse(command, argv))
   except DsjaxError as error:
     message = " ".join(str(error).split())
   except KeyboardInterrupt:
     message = "interrupted; rerun the same command to resume from the last checkpoint"
-  print(f"{program}: error: {message}", file=sys.stderr)
+  except OSError as error:  # A write that fails outside a checkpoint (a full disk, say).
+    where = f" ({error.filename})" if error.filename else ""
+    message = (f"{describe_os_error(error)}{where}; fix that (free space, permissions) and "
+               "rerun the same command to resume from the last checkpoint")
+  print(f"{command.name}: error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
@@ -199,7 +362,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
     return train_and_evaluate(config, FLAGS.workdir)
 
-  summary = _run("dsjax-train", argv, train)
+  summary = _run(TRAIN, argv, train)
   parts = [f"{key}={summary[key]:.4f}" for key in ("test_accuracy", "eval_accuracy",
                                                    "test_loss") if key in summary]
   print(f"final ({summary['steps']} steps): {', '.join(parts)}")
@@ -217,7 +380,7 @@ def profile_main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {FLAGS.workdir}/profile.json" + (f" and {FLAGS.workdir}/trace"
                                                    if FLAGS.trace else ""))
 
-  _run("dsjax-profile", argv, profile)
+  _run(PROFILE, argv, profile)
 
 
 def search_main(argv: Sequence[str] | None = None) -> None:
@@ -235,4 +398,49 @@ def search_main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {summary['architecture']}; retrain it with dsjax-train --config ... "
           f"--architecture {summary['architecture']}")
 
-  _run("dsjax-search", argv, search)
+  _run(SEARCH, argv, search)
+
+
+PLOT_FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "Folder for the PNGs (default: the first WORKDIR).",
+                    flag_values=PLOT_FLAGS)
+_PLOT_USAGE = """usage: dsjax-plot WORKDIR [WORKDIR ...] [--out DIR]
+
+Draws the runs' metrics.jsonl as PNGs with matplotlib: train and eval curves (several
+workdirs overlaid to compare runs), learning rate, loss scale and skipped steps, the
+per-layer precision plan (promoted layers, fp16 FLOP share), throughput and MFU, and the
+architecture probabilities of a dsjax-search run. Kinds a run has no data for are skipped.
+Python: dsjax.plots.write_plots(workdirs, out_dir); a run draws its own at the end with
+--config.logging.plots=True.
+
+flags:
+  --out DIR
+      Folder for the PNGs (default: the first WORKDIR)
+
+example:
+  dsjax-plot runs/fp32 runs/mixed --out runs/compare
+"""
+
+
+def plot_main(argv: Sequence[str] | None = None) -> None:
+  """Entry point of `dsjax-plot`: PNG plots of one or more workdirs."""
+  argv = list(sys.argv if argv is None else argv)
+  if _help_requested(argv) is not None:
+    print(_PLOT_USAGE, end="")
+    sys.exit(0)
+  try:
+    try:
+      workdirs = PLOT_FLAGS(argv)[1:]
+    except flags.Error as error:
+      raise ConfigError(str(error)) from error
+    if not workdirs:
+      raise ConfigError("give at least one WORKDIR (a folder with metrics.jsonl); "
+                        "see dsjax-plot --help")
+    from dsjax import plots  # noqa: PLC0415 - imports matplotlib.
+
+    written = plots.write_plots(workdirs, PLOT_FLAGS.out)
+  except DsjaxError as error:
+    print(f"dsjax-plot: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
+  for path in written:
+    print(f"wrote {path}")

@@ -168,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   # trace_after_steps (compilation and warm-up stay out of it); "" = no trace.
   config.logging.trace_dir = ""
   config.logging.trace_after_steps = 2
+  # At the end of a run (or search), write its PNG plots into the workdir (dsjax.plots;
+  # needs matplotlib, the `plot` extra). `dsjax-plot WORKDIR` draws them at any time.
+  config.logging.plots = False
   return config
 
 

@@ -10,9 +10,15 @@ import tempfile
 # Compiling dominates the suite's time on 2 cores: skip XLA's expensive backend (LLVM)
 # optimisations. The HLO-level work (fusion, SPMD partitioning) is unchanged; every
 # comparison in the tests runs both sides under the same flags.
+# Rounding audit: DSJAX_TEST_XLA_FLAGS goes last, so it wins (`--xla_cpu_max_isa=AVX2` makes
+# XLA:CPU vectorise, and so round, as an older CPU does), and DSJAX_TEST_SEED_OFFSET shifts
+# the seed of every config built from base_config(). A threshold asserted after training
+# must hold under both; see README "Tests".
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]).strip()
+     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+     os.environ.get("DSJAX_TEST_XLA_FLAGS", "")]).strip()
+SEED_OFFSET = int(os.environ.get("DSJAX_TEST_SEED_OFFSET", "0"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU compiles take seconds here; tests and the CLI subprocesses they start compile
 # the same small programs again and again, so share one persistent cache per test run.
@@ -23,6 +29,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dsjax import config as config_lib  # noqa: E402
+
+if SEED_OFFSET:  # At import, so that module-scoped fixtures see it too.
+  _base_config = config_lib.base_config
+
+  def _offset_seed_config():
+    config = _base_config()
+    config.seed += SEED_OFFSET
+    return config
+
+  config_lib.base_config = _offset_seed_config
 
 
 def pytest_configure(config):

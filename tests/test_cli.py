@@ -181,3 +181,84 @@ def test_corrupt_checkpoint_via_cli(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert "checkpoints/2 cannot be restored" in result.stderr
   assert "left untouched" in result.stderr
+
+
+@pytest.mark.parametrize("module, program", [("dsjax.train", "dsjax-train"),
+                                             ("dsjax.profile", "dsjax-profile"),
+                                             ("dsjax.nas", "dsjax-search")])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_answers_help(module, program, flag):
+  result = subprocess.run([sys.executable, "-m", module, flag], cwd=REPO, env=ONE_DEVICE,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
+  text = result.stdout
+  assert text.startswith(f"usage: {program} ")
+  command = {"dsjax-train": cli.TRAIN, "dsjax-profile": cli.PROFILE,
+             "dsjax-search": cli.SEARCH}[program]
+  for name in command.flags:  # Each flag it takes, with its meaning and default.
+    assert f"\n  --{name}" in text, name
+  assert " ".join(text.split()).count("(default: ") == len(command.flags)
+  assert "--config FILE[:variant] loads an experiment file" in text
+  assert "--config.section.field=value" in text and f"example:\n  {program} " in text
+  models = ["dnas-digits", "dnas-cifar10"] if program == "dsjax-search" else [
+      "cnn-digits", "bert-base", "wide-deep", "resnet20"]
+  assert all(f"\n  {name} " in text for name in models)
+
+
+def test_helpfull_adds_absls_flags():
+  result = subprocess.run([sys.executable, "-m", "dsjax.train", "--helpfull"], cwd=REPO,
+                          env=ONE_DEVICE, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and "all flags (absl):" in result.stdout
+  assert "--undefok" in result.stdout
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("dsjax.train", ["--trace"], "dsjax-train does not take --trace: a jax.profiler trace is "
+     "taken by dsjax-profile"),
+    ("dsjax.nas", ["--mesh", "data=2"], "dsjax-search does not take --mesh: the DNAS search "
+     "has its own loop"),
+    ("dsjax.nas", ["--init-from", "x"], "dsjax-search does not take --init-from"),
+    ("dsjax.nas", ["--precision", "mixed"], "precision.policy='mixed' needs loss scaling or "
+     "the per-layer precision controller, which the search loop lacks"),
+    ("dsjax.nas", ["--config.mesh.model=2"], "mesh pipe=1, data=-1, fsdp=1, model=2: the "
+     "search loop runs on one device"),
+])
+def test_a_flag_that_cannot_act_is_refused(tmp_path, module, args, expected):
+  result = subprocess.run([sys.executable, "-m", module, *args, "--workdir", str(tmp_path)],
+                          cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert expected in result.stderr, result.stderr
+
+
+def test_search_steps_flag_sets_the_search_length(tmp_path):
+  """`dsjax-search --steps N` is the search's own length (search.steps), not train.steps."""
+  argv = ["dsjax-search", f"--config={REPO}/configs/digits_dnas.py:tiny", "--steps", "7",
+          "--workdir", str(tmp_path)]
+  config = cli._parse(cli.SEARCH, argv)
+  assert config.search.steps == 7 and config.train.steps != 7
+
+
+def test_config_file_is_found_among_the_installed_configs(tmp_path, monkeypatch):
+  """From any folder: `--config digits_cnn.py:tiny` or `configs/digits_cnn.py:tiny`."""
+  monkeypatch.chdir(tmp_path)
+  for name in ("digits_cnn.py:tiny", "configs/digits_cnn.py:tiny"):
+    argv = cli._with_default_config(["dsjax-train", "--steps", "3", "--config", name])
+    assert argv == ["dsjax-train", f"--config={cli.CONFIGS_DIR / 'digits_cnn.py'}:tiny",
+                    "--steps", "3"]
+
+
+def test_plot_command(tmp_path):
+  assert run_cli(TINY, "--workdir", str(tmp_path / "run")).returncode == 0
+  plot = [sys.executable, "-c", "from dsjax.cli import plot_main; plot_main()"]
+  result = subprocess.run([*plot, str(tmp_path / "run"), "--out", str(tmp_path / "png")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert f"wrote {tmp_path / 'png' / 'curves.png'}" in result.stdout
+  assert (tmp_path / "png" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  helped = subprocess.run([*plot, "--help"], capture_output=True, text=True, timeout=60)
+  assert helped.returncode == 0 and helped.stdout.startswith("usage: dsjax-plot WORKDIR")
+  for args, expected in ((["--out", "x"], "give at least one WORKDIR"),
+                         ([str(tmp_path / "none")], "metrics.jsonl")):
+    failed = subprocess.run([*plot, *args], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
+    assert failed.stderr.startswith("dsjax-plot: error: ") and expected in failed.stderr

@@ -26,23 +26,47 @@ def _config(compression: str = "none", delayed: int = 0, steps: int = 200,
   return config
 
 
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Digits, 4 data-parallel replicas, 200 steps: dense, top-1% with and without error
-  feedback (momentum SGD), and delayed updates (plain SGD: a one-step delay already acts
-  as extra momentum, Mitliagkas et al. 2016, so the delayed run drops it)."""
+  feedback (momentum SGD, seeds 0-2), and plain SGD synchronous and with a one-step delay
+  (a delay already acts as extra momentum, Mitliagkas et al. 2016, so the delayed run drops
+  it and is compared with synchronous plain SGD; both on the cosine schedule, whose small
+  final steps make the last iterate, and so the comparison, stable across seeds)."""
   settings = {"dense": ("none",), "topk": ("topk:0.01",),
-              "topk_no_ef": ("topk:0.01,error_feedback=0",),
-              "delayed_sgd": ("none", 1, 200, "sgd", 0.2)}
-  return {name: train_and_evaluate(_config(*setting), tmp_path_factory.mktemp(name))
-          for name, setting in settings.items()}
+              "topk_no_ef": ("topk:0.01,error_feedback=0",)}
+  results = {name: [] for name in settings}
+  for seed in SEEDS:
+    for name, setting in settings.items():
+      config = _config(*setting)
+      config.seed += seed
+      results[name].append(train_and_evaluate(config, tmp_path_factory.mktemp(name)))
+  for name, setting in {"sgd": ("none", 0), "delayed_sgd": ("none", 1)}.items():
+    config = _config(*setting, 200, "sgd", 0.2)
+    config.optimizer.schedule = "cosine"
+    results[name] = [train_and_evaluate(config, tmp_path_factory.mktemp(name))]
+  return results
+
+
+def mean(runs, key):
+  return float(np.mean([run[key] for run in runs]))
 
 
 def test_topk_with_error_feedback_matches_dense_accuracy(runs):
-  dense, topk, no_ef = (runs[k]["test_accuracy"] for k in ("dense", "topk", "topk_no_ef"))
-  print(f"test accuracy: dense {dense:.4f}, topk:0.01 {topk:.4f}, without EF {no_ef:.4f}")
+  """Means over 3 seeds: one run's test accuracy (359 images) moves by up to 2 points with
+  the seed, the 3-seed mean by ~0.9. Measured over seeds 0-3 (docs/benchmarks.md), every
+  3-seed mean of top-1% with EF lies within -0.3..+0.9 points of dense's, so the issue's
+  1-point bar holds with room. Without EF, the test loss of each seed is 1.1-2.1x EF's
+  (3-seed means: >= 1.5x), so 1.25x is a margin on a measured effect, not on noise."""
+  dense, topk, no_ef = (mean(runs[k], "test_accuracy") for k in ("dense", "topk", "topk_no_ef"))
+  loss_ef, loss_no_ef = mean(runs["topk"], "test_loss"), mean(runs["topk_no_ef"], "test_loss")
+  print(f"test accuracy (mean of {len(SEEDS)} seeds): dense {dense:.4f}, topk:0.01 {topk:.4f}, "
+        f"without EF {no_ef:.4f}; test loss with EF {loss_ef:.4f}, without {loss_no_ef:.4f}")
   assert topk >= dense - 0.01  # The issue's bar: within 1 point of uncompressed.
-  assert no_ef < topk - 0.02  # Dropping the unsent 99% loses measurably.
+  assert loss_no_ef >= 1.25 * loss_ef  # Dropping the unsent 99% loses measurably.
 
 
 def test_compressed_traffic_is_read_from_the_compiled_step(tmp_path):
@@ -59,8 +83,12 @@ def test_compressed_traffic_is_read_from_the_compiled_step(tmp_path):
 
 
 def test_delayed_update_trains_close_to_synchronous(runs):
-  # Synchronous plain SGD at this rate reaches 0.939 (measured), momentum SGD 0.967.
-  assert runs["delayed_sgd"]["test_accuracy"] >= runs["dense"]["test_accuracy"] - 0.02
+  """Like with like: plain SGD at one rate and schedule, synchronous and delayed. Over seeds
+  0-3 the delayed run ends 0.6-0.9 points below (docs/benchmarks.md); 2 points is 2.4x the
+  largest gap seen."""
+  sync, delayed = runs["sgd"][0]["test_accuracy"], runs["delayed_sgd"][0]["test_accuracy"]
+  print(f"test accuracy: synchronous SGD {sync:.4f}, one-step delay {delayed:.4f}")
+  assert delayed >= sync - 0.02
 
 
 def test_full_density_topk_is_the_dense_exchange(tmp_path):

@@ -24,14 +24,15 @@ import ml_collections
 import optax
 import tqdm
 
-from dsjax import data, models, precision
+from dsjax import data, models, plots, precision
 from dsjax.config import base_config, validate, with_model_defaults
 from dsjax.data.pipeline import split_train_val
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.nas import cost, derivation, search, space
-from dsjax.train import checkpoint
+from dsjax.train import checkpoint, precision_plan
 from dsjax.train import metrics as metrics_lib
 from dsjax.train.optim import build_optimizer
+from dsjax.train.workdir import prepare_workdir
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,8 @@ def search_architecture(config: ml_collections.ConfigDict, workdir: str | Path, 
                       "(dsjax-train); for dsjax-search leave it empty")
   if stop_after is not None and stop_after < 1:
     raise ConfigError(f"stop_after must be >= 1 (a total step count), got {stop_after}")
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  _check_search_settings(config)
+  workdir = prepare_workdir(workdir)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints",
                                          max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
@@ -174,6 +175,28 @@ def search_architecture(config: ml_collections.ConfigDict, workdir: str | Path, 
     return _search(config, spec, workdir, checkpointer, stop_after)
   finally:
     checkpointer.close()
+
+
+def _check_search_settings(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings the search loop cannot honour: it runs on one device, in one
+  compute dtype, without loss scaling, the per-layer controller or a gradient exchange.
+
+  Raises:
+    ConfigError: naming the setting and what to do instead.
+  """
+  fix = "search in fp32 or bf16 on one device, then retrain the architecture with dsjax-train"
+  policy = precision.get_policy(config.precision.policy)
+  if precision.needs_loss_scaling(policy) or precision_plan.controller_enabled(
+      config.precision):
+    raise ConfigError(f"precision.policy={config.precision.policy!r} needs loss scaling or "
+                      f"the per-layer precision controller, which the search loop lacks: {fix}")
+  mesh = config.mesh
+  if (mesh.pipe, mesh.fsdp, mesh.model) != (1, 1, 1) or mesh.data not in (-1, 1):
+    raise ConfigError(f"mesh pipe={mesh.pipe}, data={mesh.data}, fsdp={mesh.fsdp}, "
+                      f"model={mesh.model}: the search loop runs on one device: {fix}")
+  if config.parallel.grad_compression != "none" or config.distributed.coordinator:
+    raise ConfigError("parallel.grad_compression and distributed.* act in dsjax-train only: "
+                      f"the search loop runs in one process on one device: {fix}")
 
 
 def _search(config: ml_collections.ConfigDict, spec: models.ModelSpec, workdir: Path,
@@ -272,4 +295,6 @@ def _search(config: ml_collections.ConfigDict, spec: models.ModelSpec, workdir: 
              "architecture": path, "flops": architecture["flops"],
              "params": architecture["params"], "depth": architecture["depth"], **losses}
   metrics_lib.write_json(workdir / "summary.json", summary)
+  if config.logging.plots and jax.process_index() == 0:
+    plots.write_plots(workdir)
   return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,18 @@ import orbax.checkpoint as ocp
 from dsjax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+
+class _DropWriterThreadTracebacks(logging.Filter):
+  """Drops orbax's log of an exception in one of its writer threads: the same failure
+  reaches `Checkpointer.save`/`wait` and is raised as one CheckpointError, so the log
+  would only add tracebacks (and more, from its other threads, after the process ends)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
+_WRITER_FILTER = _DropWriterThreadTracebacks()
 
 class Checkpointer:
   """Saves and restores `(train_state, host_state)` pairs by step.
@@ -46,6 +59,7 @@ class Checkpointer:
     if self.directory.exists() and not self.directory.is_dir():
       raise CheckpointError(f"checkpoint path {self.directory} exists and is not a folder: "
                             "move it aside or use a new --workdir")
+    logging.getLogger("absl").addFilter(_WRITER_FILTER)  # Adding it twice keeps one.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -67,8 +81,41 @@ class Checkpointer:
     if self._layout is not None:
       saved = self._layout.scan_abstract(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
       state = self._convert(self._layout.to_scan, state, saved)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+    except Exception as error:  # noqa: BLE001 - a disk or permission failure, in any layer.
+      raise self._save_failed(step, error) from error
+
+  def _settle(self) -> None:
+    """Lets orbax's other writers of a failed save finish, quietly: the save's own error
+    is the one reported. The array writes of that save still complete later, into the
+    event loop the failure closed, and each would print an unraisable-exception traceback
+    at exit; those alone are dropped."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception:  # noqa: BLE001, S110 - already reported by the save.
+      pass
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+      if not (isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == "Event loop is closed"):
+        previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+  def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
+    """The error of a save that failed part-way: orbax renames a step folder only once it
+    is complete, so the checkpoints before it are untouched; it says which one resumes."""
+    self._settle()
+    previous = [s for s in _complete_steps(self.directory) if s != step]
+    kept = (f"the previous checkpoint, {self.directory / str(max(previous))}, is intact and "
+            "restorable: free space (or fix the folder) and rerun the same command to resume "
+            "from it" if previous else "there is no earlier checkpoint: free space (or fix "
+            "the folder) and rerun the same command to start again")
+    return CheckpointError(f"saving checkpoint {step} into {self.directory} failed "
+                           f"({_first_line(_root_cause(error))}); {kept}")
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the checkpoint at `step` into the structure, shapes and dtypes of `target`.
@@ -140,8 +187,15 @@ class Checkpointer:
           "config")
 
   def wait(self) -> None:
-    """Blocks until any background save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until any background save is on disk.
+
+    Raises:
+      CheckpointError: the background save failed (see `save`).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - as in `save`.
+      raise self._save_failed(self._manager.latest_step() or -1, error) from error
 
   def close(self) -> None:
     self._manager.close()
@@ -155,6 +209,20 @@ def _check_match(state: Any, abstract: Any) -> None:
     raise CheckpointError(
         "checkpoint arrays do not match the model (shapes or dtypes differ): the workdir "
         "holds a run of a different config; use a new --workdir")
+
+
+def _complete_steps(directory: Path) -> list[int]:
+  """The steps whose folders are complete on disk (orbax's temporary ones are not)."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost cause: orbax wraps an OSError from a write in its own errors."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return error
 
 
 def _first_line(error: BaseException) -> str:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from dsjax import data, models, precision, profile
+from dsjax import data, models, plots, precision, profile
 from dsjax.config import base_config, validate, with_model_defaults
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.parallel import compression as compression_lib
@@ -24,6 +24,7 @@ from dsjax.parallel import distributed, pipeline, sharding
 from dsjax.parallel import mesh as parallel_mesh
 from dsjax.train import checkpoint, metrics, optim, precision_plan, step, tasks
 from dsjax.train.state import TrainState, create_train_state
+from dsjax.train.workdir import prepare_workdir
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   validate(config)
   config, pretrained = _apply_init_from(config)
   primary = distributed.is_primary()
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = prepare_workdir(workdir)
   train_cfg = config.train
   mesh = parallel_mesh.make_mesh(config.mesh)
   rules = sharding.config_rules(config.parallel)
@@ -323,6 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer.close()
   if primary:
     metrics.write_json(workdir / "summary.json", summary)
+    if config.logging.plots:
+      plots.write_plots(workdir)
   return summary
 
 

@@ -1,0 +1,65 @@
+"""The run folder and failing writes: one clear error, and no checkpoint lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import orbax.checkpoint as ocp
+import pytest
+from test_checkpoint import assert_trees_equal, final_state, tiny_config
+
+from dsjax.errors import CheckpointError, ConfigError
+from dsjax.train import train_and_evaluate
+from dsjax.train.workdir import prepare_workdir
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("/proc/forbidden", "cannot be created (No such file or directory (ENOENT))"),
+    ("{file}/run", "cannot be created (Not a directory (ENOTDIR))"),
+    ("{file}", "exists and is not a folder"),
+])
+def test_impossible_workdir_is_one_config_error(tmp_path, where, expected):
+  (tmp_path / "file").write_text("")
+  workdir = where.format(file=tmp_path / "file")
+  with pytest.raises(ConfigError, match=r"--workdir .* " + expected.replace("(", r"\(")
+                     .replace(")", r"\)") + ": choose another --workdir"):
+    train_and_evaluate(tiny_config(2), workdir)
+
+
+def test_full_disk_is_found_before_training(tmp_path, monkeypatch):
+  def no_space(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", no_space)
+  with pytest.raises(ConfigError, match=r"is not writable \(No space left on device "
+                                        r"\(ENOSPC\)\)"):
+    prepare_workdir(tmp_path / "run")
+  assert list((tmp_path / "run").iterdir()) == []  # The probe file is gone.
+
+
+def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
+  """The disk fills while step 4's checkpoint is written: its host JSON is cut short. The
+  error names the intact step-2 checkpoint, and rerunning resumes from it to the same final
+  state as an uninterrupted run."""
+  original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def disk_full(self, item, directory):
+    if directory.parent.name.startswith("4."):  # The temporary folder of step 4.
+      (directory / "metadata").write_text('{"truncat')
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+    return await original(self, item, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full)
+  config = tiny_config(4)
+  config.checkpoint.every_steps = 2
+  with pytest.raises(CheckpointError) as caught:
+    train_and_evaluate(config, tmp_path / "run")
+  message = str(caught.value)
+  assert "saving checkpoint 4" in message and "No space left on device" in message, message
+  assert f"the previous checkpoint, {tmp_path / 'run' / 'checkpoints' / '2'}, is intact" in message
+  monkeypatch.undo()
+
+  train_and_evaluate(config, tmp_path / "run")  # Resumes from step 2.
+  train_and_evaluate(config, tmp_path / "fresh")
+  assert_trees_equal(final_state(tmp_path / "run")[1], final_state(tmp_path / "fresh")[1])
