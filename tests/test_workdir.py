@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import orbax.checkpoint as ocp
 import pytest
 from test_checkpoint import assert_trees_equal, final_state, tiny_config
+from test_cli import ONE_DEVICE, REPO
 
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.train import train_and_evaluate
@@ -38,19 +41,27 @@ def test_full_disk_is_found_before_training(tmp_path, monkeypatch):
   assert list((tmp_path / "run").iterdir()) == []  # The probe file is gone.
 
 
+# The disk fills while step 4's checkpoint is written: its host JSON is cut short.
+DISK_FILLS_AT_STEP_4 = """
+import errno, os
+import orbax.checkpoint as ocp
+original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+async def disk_full(self, item, directory):
+  if directory.parent.name.startswith("4."):  # The temporary folder of step 4.
+    (directory / "metadata").write_text('{"truncat')
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+  return await original(self, item, directory)
+"""
+
+
 def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
   """The disk fills while step 4's checkpoint is written: its host JSON is cut short. The
   error names the intact step-2 checkpoint, and rerunning resumes from it to the same final
   state as an uninterrupted run."""
-  original = ocp.handlers.JsonCheckpointHandler._save_fn
-
-  async def disk_full(self, item, directory):
-    if directory.parent.name.startswith("4."):  # The temporary folder of step 4.
-      (directory / "metadata").write_text('{"truncat')
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
-    return await original(self, item, directory)
-
-  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full)
+  patch = {}
+  exec(DISK_FILLS_AT_STEP_4, patch)
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", patch["disk_full"])
   config = tiny_config(4)
   config.checkpoint.every_steps = 2
   with pytest.raises(CheckpointError) as caught:
@@ -63,3 +74,19 @@ def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monk
   train_and_evaluate(config, tmp_path / "run")  # Resumes from step 2.
   train_and_evaluate(config, tmp_path / "fresh")
   assert_trees_equal(final_state(tmp_path / "run")[1], final_state(tmp_path / "fresh")[1])
+
+
+
+def test_failed_checkpoint_write_via_cli_is_one_line(tmp_path):
+  """Through the CLI: one line naming the intact checkpoint, none of orbax's writer
+  threads' tracebacks."""
+  script = tmp_path / "disk_fills.py"
+  script.write_text(DISK_FILLS_AT_STEP_4 + "ocp.handlers.JsonCheckpointHandler._save_fn = "
+                    "disk_full\nfrom dsjax.cli import train_main\ntrain_main()\n")
+  args = [sys.executable, str(script), f"--config={REPO}/configs/digits_cnn.py:tiny",
+          "--steps", "4", "--config.checkpoint.every_steps=2", "--workdir", str(tmp_path / "w")]
+  result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=ONE_DEVICE)
+  lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr
+  assert lines[0].startswith("dsjax-train: error: saving checkpoint 4 into ")
+  assert f"the previous checkpoint, {tmp_path / 'w' / 'checkpoints' / '2'}, is intact" in lines[0]
