@@ -139,10 +139,14 @@ def test_overflowing_layer_is_promoted_and_training_stays_finite(overflow_model,
 
 
 def test_mixed_run_tracks_fp32_run(tmp_path):
-  """Same seed, same tiny CNN, 40 steps: mixed (bf16 compute on CPU) ends within 0.05 of
-  fp32 in loss; bf16 rounding (2^-8 relative) perturbs each step, and the runs diverge
-  slowly, so the tolerance is an order above one step's rounding."""
-  results = {}
+  """Same seed, same tiny CNN, 40 steps: mixed (bf16 compute on CPU) tracks fp32 in loss,
+  at every logged step and on the test split. bf16 rounding (2^-8 relative) perturbs each
+  step and the runs diverge slowly. Over seeds 0-7 the largest gap was 0.015 in a train
+  loss and 0.011 in the test loss (the rest <= 0.002), so 0.03 is twice the worst seen.
+  Accuracy is not compared: at 40 steps the model is still near chance (test accuracy
+  0.09-0.35), where a few near-tied logits decide it, and the same runs differed by up to
+  0.031 (11 of 359 images) in accuracy while agreeing to 0.011 in loss."""
+  results, losses = {}, {}
   for policy in ("fp32", "mixed"):
     config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
     config.model.features, config.model.dense_features = (8, 16), 32
@@ -152,5 +156,8 @@ def test_mixed_run_tracks_fp32_run(tmp_path):
     config.train.eval_every_steps = config.checkpoint.every_steps = 40
     config.logging.progress_bar = False
     results[policy] = train_and_evaluate(config, tmp_path / policy)
-  assert abs(results["mixed"]["test_loss"] - results["fp32"]["test_loss"]) < 0.05
-  assert abs(results["mixed"]["test_accuracy"] - results["fp32"]["test_accuracy"]) < 0.03
+    losses[policy] = [json.loads(line)["loss"] for line in (tmp_path / policy / "metrics.jsonl")
+                      .read_text().splitlines()]
+  assert len(losses["fp32"]) == 4
+  np.testing.assert_allclose(losses["mixed"], losses["fp32"], rtol=0, atol=0.03)
+  assert abs(results["mixed"]["test_loss"] - results["fp32"]["test_loss"]) < 0.03
