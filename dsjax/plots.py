@@ -5,8 +5,9 @@
   plots.write_plots(["runs/fp32", "runs/mixed"])    # every kind with data, as PNG files
 
 Figures are `matplotlib.figure.Figure` objects made without pyplot, so drawing one changes
-no global backend (a notebook's inline display keeps working), and files are written
-through the Agg canvas. From dsjax only `dsjax.errors` is imported: the trainer may call
+no global backend, and files are written through the Agg canvas. A notebook shows a
+figure left as a cell's last value once its inline backend is on (`%matplotlib inline`,
+Colab's default). From dsjax only `dsjax.errors` is imported: the trainer may call
 this module at the end of a run without pulling in anything else.
 """
 
