@@ -21,3 +21,7 @@ class DataError(DsjaxError):
 
 class CheckpointError(DsjaxError):
   """A checkpoint cannot be restored: corrupt, incomplete or incompatible."""
+
+
+class ExportError(DsjaxError):
+  """A model cannot be written in a format: the converter cannot express one of its ops."""

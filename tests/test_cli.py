@@ -262,3 +262,26 @@ def test_plot_command(tmp_path):
     failed = subprocess.run([*plot, *args], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
     assert failed.stderr.startswith("dsjax-plot: error: ") and expected in failed.stderr
+
+
+@pytest.mark.slow
+def test_export_command(tmp_path):
+  """dsjax-export through its entry point: --help, a StableHLO export of a CLI run, and
+  one-line errors (the library's exports are tested in tests/test_export.py)."""
+  export = [sys.executable, "-c", "from dsjax.cli import export_main; export_main()"]
+  helped = subprocess.run([*export, "--help"], capture_output=True, text=True, timeout=60)
+  assert helped.returncode == 0 and helped.stdout.startswith("usage: dsjax-export --workdir")
+  assert run_cli(TINY, "--workdir", str(tmp_path / "run")).returncode == 0
+  result = subprocess.run([*export, "--workdir", str(tmp_path / "run"), "--format", "stablehlo"],
+                          cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "stablehlo  model.stablehlo" in result.stdout
+  assert (tmp_path / "run" / "export" / "model.stablehlo").stat().st_size > 0
+  for args, expected in ((["--workdir", str(tmp_path / "run"), "--format", "tflite"],
+                          "unknown export format 'tflite'"),
+                         (["--format", "onnx"], "--workdir is required"),
+                         (["--workdir", str(tmp_path / "none")], "does not exist")):
+    failed = subprocess.run([*export, *args], cwd=REPO, env=ONE_DEVICE, capture_output=True,
+                            text=True, timeout=120)
+    assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
+    assert failed.stderr.startswith("dsjax-export: error: ") and expected in failed.stderr
