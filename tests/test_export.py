@@ -182,6 +182,82 @@ def test_int8_keeps_digits_accuracy(trained, tmp_path):
   assert set(report["jax"]["latency_ms_per_example"]["all_threads"]) == {"batch_1", "batch_32"}
 
 
+def _small_float_model(path: Path) -> None:
+  """Conv (bias) -> Relu -> Conv (no bias, explicit default attributes) -> global pool ->
+  Gemm (bias), NCHW, batch dynamic: the layers the int8 shrinking touches."""
+  rng = np.random.default_rng(0)
+  helper, numpy_helper = onnx.helper, onnx.numpy_helper
+  weights = {"conv0_w": rng.normal(size=(8, 1, 3, 3)), "conv0_b": rng.normal(size=8) * 0.1,
+             "conv1_w": rng.normal(size=(8, 8, 3, 3)) * 0.3,
+             "dense_w": rng.normal(size=(8, 10)) * 0.3, "dense_b": rng.normal(size=10) * 0.1}
+  nodes = [
+      helper.make_node("Conv", ["image", "conv0_w", "conv0_b"], ["conv0"], pads=[1] * 4),
+      helper.make_node("Relu", ["conv0"], ["relu0"]),
+      helper.make_node("Conv", ["relu0", "conv1_w"], ["conv1"], strides=[1, 1],
+                       dilations=[1, 1], pads=[0] * 4, group=1),
+      helper.make_node("GlobalAveragePool", ["conv1"], ["pooled"]),
+      helper.make_node("Flatten", ["pooled"], ["flat"]),
+      helper.make_node("Gemm", ["flat", "dense_w", "dense_b"], ["logits"], alpha=1.0,
+                       transB=0)]
+  graph = helper.make_graph(
+      nodes, "small", [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT,
+                                                     ["batch", 1, 8, 8])],
+      [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 10])],
+      [numpy_helper.from_array(value.astype(np.float32), name)
+       for name, value in weights.items()])
+  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), str(path))
+
+
+def _fused_ops(path: Path, scratch: Path) -> list[tuple[str, str]]:
+  """The nodes of the graph onnxruntime runs (after its QDQ fusions)."""
+  options = onnxruntime.SessionOptions()
+  options.optimized_model_filepath = str(scratch)
+  options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+  onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+  return [(node.op_type, node.domain) for node in onnx.load(str(scratch)).graph.node]
+
+
+def test_int8_shrinking_changes_no_value(tmp_path, monkeypatch):
+  """The int8 file without the all-zero weight zero points, default attributes, duplicate
+  constants and long names: smaller, the same kernels in onnxruntime, the same outputs
+  bit for bit, and still QDQ with per-channel weight scales."""
+  fp32 = tmp_path / "model.onnx"
+  _small_float_model(fp32)
+  rng = np.random.default_rng(1)
+  calibration = [{"image": rng.uniform(size=(16, 1, 8, 8)).astype(np.float32)}
+                 for _ in range(4)]
+  with monkeypatch.context() as patch:  # What onnxruntime's quantizer itself writes.
+    patch.setattr(export_convert.onnx_graph, "compact", lambda model: model)
+    patch.setattr(export_convert.onnx_graph, "drop_zero_points", lambda model: model)
+    plain = export_convert.quantize_int8(fp32, tmp_path / "plain.onnx", calibration)
+  small = export_convert.quantize_int8(fp32, tmp_path / "small.onnx", calibration)
+  assert small["small.onnx"] < 0.95 * plain["plain.onnx"]
+  assert _fused_ops(tmp_path / "small.onnx", tmp_path / "a.onnx") == \
+      _fused_ops(tmp_path / "plain.onnx", tmp_path / "b.onnx")
+  inputs = {"image": rng.uniform(size=(32, 1, 8, 8)).astype(np.float32)}
+  for batch in (1, 32):
+    feed = {"image": inputs["image"][:batch]}
+    np.testing.assert_array_equal(_session(tmp_path / "small.onnx").run(None, feed)[0],
+                                  _session(tmp_path / "plain.onnx").run(None, feed)[0])
+  model = onnx.load(str(tmp_path / "small.onnx"))
+  graph = model.graph
+  assert [entry.domain for entry in model.opset_import] == [""]
+  assert not model.metadata_props and all(not node.name for node in graph.node)
+  scales = {init.name: init for init in graph.initializer}
+  producer = {name: node for node in graph.node for name in node.output}
+  for node in graph.node:
+    assert all(name.isidentifier() for name in [*node.input, *node.output] if name)
+    if node.op_type in ("Conv", "Gemm"):
+      weight = producer[node.input[1]]
+      assert weight.op_type == "DequantizeLinear" and len(scales[weight.input[1]].dims) == 1
+      # onnxruntime fuses a Gemm into QGemm only with its weight's zero point.
+      assert len(weight.input) == (3 if node.op_type == "Gemm" else 2)
+    if node.op_type == "Conv":
+      assert {a.name for a in node.attribute} <= {"pads", "strides", "group"}
+      assert all(onnx.helper.get_attribute_value(a) != 1 for a in node.attribute
+                 if a.name == "group")
+
+
 def test_parse_formats():
   assert parse_formats("stablehlo, ONNX,onnx") == ("stablehlo", "onnx")
   assert parse_formats(["onnx"]) == ("onnx",)

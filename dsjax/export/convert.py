@@ -279,7 +279,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path,
 
   The float model first goes through onnxruntime's quantization pre-processing (shape
   inference and graph optimisation: transposes around convolutions cancel, biases fold
-  into them), then activation ranges are calibrated (min/max) on `calibration`.
+  into them), then activation ranges are calibrated (min/max) on `calibration`. What the
+  quantizer writes is then shrunk without changing a value: the weights' and biases'
+  all-zero zero points go, shared scales are stored once, names are short (see
+  `onnx_graph.compact`); on a model of a few thousand weights that is a tenth of the file.
 
   Args:
     fp32_path: the float32 `.onnx` file.
@@ -307,5 +310,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path,
         activation_type=quantization.QuantType.QInt8,
         weight_type=quantization.QuantType.QInt8,
         calibrate_method=quantization.CalibrationMethod.MinMax)
-  onnx.save_model(onnx_graph.compact(onnx.load(str(int8_path))), str(int8_path))
+  quantized = onnx_graph.drop_zero_points(onnx.load(str(int8_path)))
+  onnx.save_model(onnx_graph.compact(quantized), str(int8_path))
   return {int8_path.name: int8_path.stat().st_size}

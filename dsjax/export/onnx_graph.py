@@ -17,11 +17,13 @@ the rest in float). `simplify` gives the usual forms and changes no value:
   transposes cancel against the convolutions' own in onnxruntime).
 
 `compact` then drops what only takes room (shape annotations, node names, long tensor
-names), for the file sizes that matter on an edge device.
+names, default attributes, duplicate constants), for the file sizes that matter on an
+edge device; `drop_zero_points` also drops the quantizer's all-zero weight zero points.
 """
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import numpy as np
@@ -201,32 +203,173 @@ def simplify(model: Any) -> Any:
   return model
 
 
+# Conv-like attributes whose schema gives no default value, only words: all-one strides
+# and dilations, all-zero pads.
+_UNIT_ATTRIBUTES = {"strides": 1, "dilations": 1, "pads": 0}
+_CONV_LIKE = {"Conv", "ConvInteger", "QLinearConv", "AveragePool", "MaxPool", "LpPool"}
+# Where a DequantizeLinear output may lose an all-zero zero point (absent, it is zero of the
+# quantized input's type: the same values) and onnxruntime still fuses the node into its
+# int8 kernel: a Conv's weight and bias, a Gemm's bias. Its QDQ-to-QGemm fusion needs the
+# Gemm *weight's* zero point (without it the Gemm runs in float, with other outputs).
+_ZERO_POINT_OPTIONAL = {("Conv", 1), ("Conv", 2), ("Gemm", 2)}
+_NAME_START = string.ascii_letters + "_"
+_NAME_REST = _NAME_START + string.digits
+
+
+def _has_subgraphs(graph: Any) -> bool:
+  import onnx  # noqa: PLC0415
+
+  return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+             for node in graph.node for attr in node.attribute)
+
+
+def _domains(graph: Any) -> set[str]:
+  """The operator domains of `graph`'s nodes, loop and branch bodies included."""
+  found = set()
+  for node in graph.node:
+    found.add(node.domain)
+    for attribute in node.attribute:
+      for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+        found |= _domains(sub)
+  return found
+
+
+def _drop_unused(graph: Any) -> None:
+  used = {name for node in graph.node for name in node.input} | \
+      {value.name for value in graph.output}
+  for init in [init for init in graph.initializer if init.name not in used]:
+    graph.initializer.remove(init)
+
+
+def _is_default(node: Any, attribute: Any, opset: int) -> bool:
+  """Whether `attribute` of `node` holds the value its absence means."""
+  import onnx  # noqa: PLC0415
+
+  value = onnx.helper.get_attribute_value(attribute)
+  if node.op_type in _CONV_LIKE and attribute.name in _UNIT_ATTRIBUTES:
+    return all(item == _UNIT_ATTRIBUTES[attribute.name] for item in value)
+  if not onnx.defs.has(node.op_type, node.domain):  # e.g. a contrib op: keep everything.
+    return False
+  spec = onnx.defs.get_schema(node.op_type, opset, node.domain).attributes.get(attribute.name)
+  if spec is None or spec.default_value.type != attribute.type:
+    return False
+  return value == onnx.helper.get_attribute_value(spec.default_value)
+
+
+def _short_name(index: int) -> str:
+  """The `index`-th of `a, b, ..., _, aa, ab, ...`: C identifiers, as ONNX names must be."""
+  if index < len(_NAME_START):
+    return _NAME_START[index]
+  index -= len(_NAME_START)
+  rest = ""
+  while True:  # The names of n characters come before those of n + 1.
+    rest = _NAME_REST[index % len(_NAME_REST)] + rest
+    index //= len(_NAME_REST)
+    if index < len(_NAME_START):
+      return _NAME_START[index] + rest
+    index -= len(_NAME_START)
+
+
+def _share_initializers(graph: Any, keep: set[str]) -> None:
+  """Initializers equal in type, shape and bytes (the quantizer writes one zero point and
+  scale per use) become one."""
+  from onnx import numpy_helper  # noqa: PLC0415
+
+  first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+  rename: dict[str, str] = {}
+  for init in graph.initializer:
+    if init.name in keep:
+      continue
+    key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+    rename[init.name] = first.setdefault(key, init.name)
+  for node in graph.node:
+    node.input[:] = [rename.get(name, name) for name in node.input]
+  _drop_unused(graph)
+
+
+def _rename(graph: Any, keep: set[str]) -> None:
+  """Inner tensors get the shortest names, the most referenced first."""
+  uses: dict[str, int] = {}
+  for node in graph.node:
+    for name in [*node.input, *node.output]:
+      if name and name not in keep:
+        uses[name] = uses.get(name, 0) + 1
+  for init in graph.initializer:
+    uses.setdefault(init.name, 0)
+  names: dict[str, str] = {}
+  index = 0
+  for name in sorted(uses, key=lambda name: -uses[name]):  # Stable: ties keep graph order.
+    while _short_name(index) in keep:
+      index += 1
+    names[name] = _short_name(index)
+    index += 1
+  for init in graph.initializer:
+    init.name = names.get(init.name, init.name)
+  for node in graph.node:
+    node.input[:] = [names.get(name, name) for name in node.input]
+    node.output[:] = [names.get(name, name) for name in node.output]
+
+
+def drop_zero_points(model: Any) -> Any:
+  """Removes the all-zero zero points of the dequantized constants where onnxruntime
+  still fuses the consumer (`_ZERO_POINT_OPTIONAL`): symmetric int8 weights and int32
+  biases, one zero per channel. Returns `model`, edited in place; its values are the same.
+  """
+  from onnx import numpy_helper  # noqa: PLC0415
+
+  graph = model.graph
+  constants = {init.name: init for init in graph.initializer}
+  users: dict[str, list[tuple[str, int]]] = {}
+  for node in graph.node:
+    for index, name in enumerate(node.input):
+      users.setdefault(name, []).append((node.op_type, index))
+  outputs = {value.name for value in graph.output}
+  for node in graph.node:
+    if (node.op_type == "DequantizeLinear" and len(node.input) == 3
+        and node.input[0] in constants and node.input[2] in constants
+        and node.output[0] not in outputs and users.get(node.output[0])
+        and all(use in _ZERO_POINT_OPTIONAL for use in users[node.output[0]])
+        and not numpy_helper.to_array(constants[node.input[2]]).any()):
+      del node.input[2]
+  _drop_unused(graph)
+  return model
+
+
 def compact(model: Any) -> Any:
-  """Drops shape annotations, node names and doc strings, and gives the graph's inner
-  tensors short names (not its inputs and outputs; not in graphs with loop bodies,
-  whose names may refer to the enclosing graph). Returns `model`, edited in place."""
+  """Drops what only takes room, for the file sizes that matter on an edge device.
+
+  Shape annotations, node names, doc strings and metadata go; so do attributes that hold
+  their default value, and opset imports no node uses. Identical initializers are shared,
+  and the graph's inner tensors get the shortest names (not its inputs and outputs; not in
+  graphs with loop bodies, whose names may refer to the enclosing graph). onnxruntime
+  builds the same session from the result (the same fused kernels, the same outputs).
+
+  Args:
+    model: an `onnx.ModelProto`, float or quantized.
+
+  Returns:
+    `model`, edited in place.
+  """
   import onnx  # noqa: PLC0415
 
   graph = model.graph
   del graph.value_info[:]
-  graph.doc_string = ""
-  has_subgraphs = any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                      for node in graph.node for attr in node.attribute)
+  del model.metadata_props[:]  # The quantizer's notes on its own pre-processing.
+  graph.doc_string = model.doc_string = ""
+  opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
   for node in graph.node:
     node.name, node.doc_string = "", ""
-  if not has_subgraphs:
+    opset = opsets.get(node.domain or "ai.onnx", 1)
+    for attribute in [a for a in node.attribute if _is_default(node, a, opset)]:
+      node.attribute.remove(attribute)
+  used = {"", "ai.onnx", *_domains(graph)} | {function.domain for function in model.functions}
+  for function in model.functions:
+    used.update(node.domain for node in function.node)
+  for entry in [entry for entry in model.opset_import if entry.domain not in used]:
+    model.opset_import.remove(entry)
+  if not _has_subgraphs(graph):
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
-    names: dict[str, str] = {}
-
-    def short(name: str) -> str:
-      if not name or name in keep:
-        return name
-      return names.setdefault(name, f"t{len(names):x}")
-
-    for init in graph.initializer:
-      init.name = short(init.name)
-    for node in graph.node:
-      node.input[:] = [short(name) for name in node.input]
-      node.output[:] = [short(name) for name in node.output]
+    _share_initializers(graph, keep)
+    _rename(graph, keep)
   onnx.checker.check_model(model)
   return model
