@@ -120,6 +120,7 @@ def _overflow_config(name, adaptive_on):
   return config
 
 
+@pytest.mark.slow
 def test_overflowing_layer_is_promoted_and_training_stays_finite(overflow_model, tmp_path):
   summary = train_and_evaluate(_overflow_config(overflow_model, True), tmp_path / "adaptive")
   records = [json.loads(line) for line in (tmp_path / "adaptive" / "metrics.jsonl").open()]
@@ -138,6 +139,7 @@ def test_overflowing_layer_is_promoted_and_training_stays_finite(overflow_model,
   assert not np.isfinite(pinned["test_loss"])
 
 
+@pytest.mark.slow
 def test_mixed_run_tracks_fp32_run(tmp_path):
   """Same seed, same tiny CNN, 40 steps: mixed (bf16 compute on CPU) tracks fp32 in loss,
   at every logged step and on the test split. bf16 rounding (2^-8 relative) perturbs each

@@ -44,6 +44,7 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
   train_and_evaluate(tiny_config(8), tmp_path / "straight")
   train_and_evaluate(tiny_config(4), tmp_path / "resumed")
@@ -132,6 +133,7 @@ def _bert_config(steps, pipe, repeats=1):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.all_devices
 def test_circular_pipeline_resumes_a_scan_layout_checkpoint(tmp_path):
   """Checkpoints hold the layer stack in the scan layout [L, ...]; a circular pipeline

@@ -28,6 +28,7 @@ def run_cli(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_seed_style_command_writes_all_outputs(tmp_path):
   result = run_cli("--model", "cnn-digits", "--precision", "fp32", "--batch-size", "32",
                    "--gradient-accumulation", "2", "--steps", "4", "--workdir", str(tmp_path),
@@ -51,6 +52,7 @@ def test_seed_style_command_writes_all_outputs(tmp_path):
   assert (tmp_path / "checkpoints" / "4").is_dir()
 
 
+@pytest.mark.slow
 def test_profile_command_writes_a_report(tmp_path):
   result = subprocess.run([sys.executable, "-m", "dsjax.profile", TINY, "--steps", "4",
                            "--workdir", str(tmp_path)], cwd=REPO, env=ONE_DEVICE,
@@ -96,6 +98,7 @@ def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
   assert_trees_equal(state_a, state_b)
 
 
+@pytest.mark.slow
 def test_extending_steps_matches_a_longer_fresh_run(tmp_path):
   """The issue's check: --steps N, then --steps 2N on the same workdir == fresh 2N run."""
   common = [TINY, "--config.train.eval_every_steps=100", "--config.train.log_every_steps=3"]
@@ -147,6 +150,7 @@ def test_bad_input_one_line_error(tmp_path, args, expected):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_search_then_retrain_via_cli(tmp_path):
   dnas = f"--config={REPO}/configs/digits_dnas.py:tiny"
   searched = subprocess.run([sys.executable, "-m", "dsjax.nas", dnas, "--workdir",
@@ -171,6 +175,7 @@ def test_missing_workdir_is_an_error():
                                    "checkpoints and logs (rerunning on the same folder resumes)")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_via_cli(tmp_path):
   assert run_cli(TINY, "--workdir", str(tmp_path)).returncode == 0
   for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
@@ -247,6 +252,7 @@ def test_config_file_is_found_among_the_installed_configs(tmp_path, monkeypatch)
                     "--steps", "3"]
 
 
+@pytest.mark.slow
 def test_plot_command(tmp_path):
   assert run_cli(TINY, "--workdir", str(tmp_path / "run")).returncode == 0
   plot = [sys.executable, "-c", "from dsjax.cli import plot_main; plot_main()"]

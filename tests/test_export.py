@@ -112,10 +112,10 @@ def _session(path: Path) -> onnxruntime.InferenceSession:
   return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-# bert-base's tiny run is the one mixed-precision run (bf16 compute, adaptive plan): the
-# slowest to train here, and exported in float32 like the others.
+# bert-base's tiny run is the one mixed-precision run (bf16 compute, adaptive plan), and
+# exported in float32 like the others. All but the digits CNN are `slow` (make test-fast).
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
-                                  if name == "bert-base" else name
+                                  if name != "cnn-digits" else name
                                   for name in models.known_models()])
 def test_round_trips_match_jax(name, trained, tmp_path):
   """StableHLO reloaded from its file equals jax at two batch sizes; ONNX in onnxruntime
@@ -267,6 +267,7 @@ def test_parse_formats():
     parse_formats(" , ")
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused(trained, tmp_path):
   """Unknown format and int8 without ONNX are refused before anything loads; a folder
   without a checkpoint, a DNAS search folder and a checkpoint the edited config cannot
@@ -297,6 +298,7 @@ def test_bad_requests_are_refused(trained, tmp_path):
     export(search)
 
 
+@pytest.mark.slow
 def test_bert_needs_its_sequence_length(trained, tmp_path):
   workdir, _ = trained("bert-tiny")
   copy = tmp_path / "bert"
@@ -313,6 +315,7 @@ def _min_pool(x, window_shape, strides=None, padding="VALID"):
                                (1, *(strides or window_shape), 1), padding)
 
 
+@pytest.mark.slow
 def test_ops_the_converter_lacks_are_named(trained, tmp_path, monkeypatch):
   """A primitive jax2onnx has no lowering for (min pooling), and a lowering that fails,
   are reported as ExportError naming the layer and the op; StableHLO still exports."""
@@ -338,6 +341,7 @@ def test_ops_the_converter_lacks_are_named(trained, tmp_path, monkeypatch):
     export(workdir, formats="onnx", out_dir=tmp_path, timing_repeats=0)
 
 
+@pytest.mark.slow
 def test_restore_reads_params_and_batch_stats(trained):
   """A BatchNorm model restores its running statistics (inference mode uses them)."""
   run = restore(trained("resnet20")[0])

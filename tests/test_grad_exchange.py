@@ -55,6 +55,7 @@ def mean(runs, key):
   return float(np.mean([run[key] for run in runs]))
 
 
+@pytest.mark.slow
 def test_topk_with_error_feedback_matches_dense_accuracy(runs):
   """Means over 3 seeds: one run's test accuracy (359 images) moves by up to 2 points with
   the seed, the 3-seed mean by ~0.9. Measured over seeds 0-3 (docs/benchmarks.md), every
@@ -69,6 +70,7 @@ def test_topk_with_error_feedback_matches_dense_accuracy(runs):
   assert loss_no_ef >= 1.25 * loss_ef  # Dropping the unsent 99% loses measurably.
 
 
+@pytest.mark.slow
 def test_compressed_traffic_is_read_from_the_compiled_step(tmp_path):
   """The default digits CNN (99k weights, 0.6% of them in leaves small enough to go dense):
   at topk:0.01 each replica puts in 1% (value, index) pairs, at most 1/20 of the dense
@@ -82,6 +84,7 @@ def test_compressed_traffic_is_read_from_the_compiled_step(tmp_path):
   assert summary["collective_bytes"]["all-gather"] > 0
 
 
+@pytest.mark.slow
 def test_delayed_update_trains_close_to_synchronous(runs):
   """Like with like: plain SGD at one rate and schedule, synchronous and delayed. Over seeds
   0-3 the delayed run ends 0.6-0.9 points below (docs/benchmarks.md); 2 points is 2.4x the
@@ -110,6 +113,7 @@ def test_bad_compression_spec_is_a_config_error(tmp_path):
     train_and_evaluate(_config("topk:2"), tmp_path)
 
 
+@pytest.mark.slow
 def test_density_warm_up_sends_less_each_stage(tmp_path):
   """DGC warm-up over 4 steps: 25%, 6.25%, 1.6%, then the 1% target (one compiled step per
   density), read from the per-step metrics."""

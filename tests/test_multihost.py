@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/digits_cnn.py:tiny", "--steps", "3", "--batch-size", "32",
@@ -43,6 +44,7 @@ def _losses(workdir: Path) -> dict[int, float]:
   return {record["step"]: record["loss"] for record in records}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
   single = _train("--mesh", "data=4,model=2", "--workdir", str(tmp_path / "one"), devices=8)
   assert single.returncode == 0, single.stderr[-2000:]

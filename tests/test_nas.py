@@ -72,6 +72,7 @@ def leaves_equal(a, b) -> bool:
                                                   strict=True))
 
 
+@pytest.mark.slow
 def test_known_answer_search_picks_the_teachers_conv3x3():
   # Gumbel-softmax (FBNet): each sampled op must fit on its own, so the weights cannot
   # compensate a small mixing weight (with a plain softmax, zero absorbs the mass). The
@@ -97,6 +98,7 @@ def test_known_answer_search_picks_the_teachers_conv3x3():
     assert float(metrics["val_loss"]) < 0.05
 
 
+@pytest.mark.slow
 def test_a_tight_flops_budget_gives_a_smaller_architecture():
   model = Supernet(RESOURCE_SPACE, num_classes=TEACHER_CHANNELS, relaxation="gumbel")
   derived = {}
@@ -113,6 +115,7 @@ def test_a_tight_flops_budget_gives_a_smaller_architecture():
   assert tight["params"] < free["params"]
 
 
+@pytest.mark.slow
 def test_weight_and_arch_updates_touch_only_their_own_trees():
   model = Supernet(RESOURCE_SPACE, num_classes=TEACHER_CHANNELS, relaxation="gumbel")
   state = nas.create_search_state(model, WEIGHT_TX, ARCH_TX, INPUT, 0)
@@ -140,6 +143,7 @@ def test_weight_and_arch_updates_touch_only_their_own_trees():
   assert np.isfinite(float(metrics["penalty"])) and float(metrics["expected_flops"]) > 1e3
 
 
+@pytest.mark.slow
 def test_second_order_arch_gradient_matches_finite_differences():
   # Smooth activations: with ReLU the unrolled weights jump wherever a pre-activation
   # crosses 0, and a finite difference measures those jumps rather than the derivative.
@@ -320,6 +324,7 @@ def batch_norm_params(variables) -> dict[str, list[str]]:
           for m in sorted(modules)}
 
 
+@pytest.mark.slow
 def test_batch_norm_ops_search_derive_and_count(tmp_path):
   """`batch_norm=True`: every conv op (and the stem) normalises before its activation.
   The supernet's BatchNorms are affine-free (DARTS' search), the derived network's learn

@@ -73,6 +73,7 @@ def copy_of(stopped: Path, tmp_path: Path) -> Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_resumed_search_equals_uninterrupted_search(stopped, tmp_path, caplog):
   straight = search_architecture(tiny_search_config(), tmp_path / "straight")
   resumed_dir = copy_of(stopped, tmp_path)

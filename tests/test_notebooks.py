@@ -102,6 +102,7 @@ def _outputs(notebook, kind):
           for output in cell.outputs if kind in output.get("data", {})]
 
 
+@pytest.mark.slow
 def test_quickstart_runs(tmp_path):
   notebook = _execute("01_quickstart", tmp_path)
   # Curves, learning rate, predicted test images.

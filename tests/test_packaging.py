@@ -62,6 +62,7 @@ def test_installed_help_uses_the_installed_configs(installed, tmp_path):
   assert f"default experiment file in {site / 'dsjax' / 'configs'}" in result.stdout
 
 
+@pytest.mark.slow
 def test_installed_model_flag_runs_from_another_folder(installed, tmp_path):
   """The issue's command: `--model cnn-digits` finds its default file in the package."""
   _, site = installed

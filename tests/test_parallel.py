@@ -173,6 +173,7 @@ def bert_reference():
 @pytest.mark.parametrize("mesh_sizes", [
     {"data": 2, "model": 4}, {"data": 2, "model": 2, "pipe": 2}, {"fsdp": 4, "model": 2},
 ], ids=lambda sizes: ",".join(f"{k}={v}" for k, v in sizes.items()))
+@pytest.mark.slow
 def test_bert_trains_the_same_on_tensor_pipeline_and_fsdp_meshes(bert_reference, mesh_sizes):
   losses, params = _bert_losses(mesh_sizes)
   ref_losses, ref_params = bert_reference
@@ -190,6 +191,7 @@ def test_bert_trains_the_same_on_tensor_pipeline_and_fsdp_meshes(bert_reference,
     assert query.addressable_shards[0].data.shape[0] == 4 // mesh_sizes["pipe"]
 
 
+@pytest.mark.slow
 def test_bert_on_data_fsdp_model_needs_no_full_rematerialization(bert_reference, capfd):
   """data x fsdp x model: the embedding lookup gathers the table's features (sharded on
   fsdp, like the batch) first, so XLA's partitioner never falls back to replicating it
@@ -200,6 +202,7 @@ def test_bert_on_data_fsdp_model_needs_no_full_rematerialization(bert_reference,
   np.testing.assert_allclose(losses, bert_reference[0][:1], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_resnet_with_batch_norm_trains_the_same_with_channels_on_model():
   """Conv kernels, biases and BatchNorm scales carry logical axes: on data x model the
   output channels (and BatchNorm's per-channel statistics) are split over `model`, and

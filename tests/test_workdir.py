@@ -77,6 +77,7 @@ def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monk
 
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_via_cli_is_one_line(tmp_path):
   """Through the CLI: one line naming the intact checkpoint, none of orbax's writer
   threads' tracebacks."""
