@@ -357,6 +357,7 @@ def test_configs_validate(name, arg):
   assert config.data.seq_len <= config.model.max_position
 
 
+@pytest.mark.slow
 def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
   from test_checkpoint import final_state
 

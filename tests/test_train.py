@@ -35,6 +35,7 @@ def _setup(batch_size=32, optimizer="sgd"):
   return state, batch, lr
 
 
+@pytest.mark.slow
 def test_mlm_evaluation_does_not_depend_on_the_batch_size():
   """Evaluation masks each sequence from its index in the split, not from its batch: a
   tiny BERT scores a split the same in batches of 3, 8 or all of it at once (rtol 1e-6,
@@ -79,6 +80,7 @@ def test_grad_accumulation_equals_one_big_batch(accum):
     np.testing.assert_allclose(big_metrics[key], acc_metrics[key], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_step_matches_reference_sgd_update():
   state, batch, lr = _setup(batch_size=16)
   reference_loss, reference_grads = jax.value_and_grad(_reference_loss)(state.params, state,
@@ -107,6 +109,7 @@ def test_train_step_donates_state():
   assert optax.tree.norm(new_state.params) > 0
 
 
+@pytest.mark.slow
 def test_short_run_learns(tmp_path):
   config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
   config.train.steps, config.train.batch_size = 120, 64
