@@ -1,6 +1,6 @@
 """Command-line entry points: `dsjax-train` (also `python -m dsjax.train`),
 `dsjax-profile` (also `python -m dsjax.profile`), `dsjax-search` (also
-`python -m dsjax.nas`) and `dsjax-plot`.
+`python -m dsjax.nas`), `dsjax-export` and `dsjax-plot`.
 
   dsjax-train --model cnn-digits --precision fp32 --batch-size 64 \\
       --gradient-accumulation 2 --steps 300 --workdir runs/digits
