@@ -46,6 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 8192  # Token data: WordPiece vocabulary trained on the corpus.
   config.data.vocab_file = ""  # Token data: a pretrained vocab.txt instead (--init-from sets it).
   config.data.mlm_probability = 0.15  # Masked-LM: share of tokens predicted (80/10/10 rule).
+  # Masked-LM training: positions per sequence the MLM head scores, gathered before the
+  # vocabulary projection (NVIDIA BERT's max_predictions_per_seq); padded slots weigh 0,
+  # and tokens masked beyond it stay unmasked. -1: from seq_len and mlm_probability (mean
+  # + 4 sd: 36 at 128 x 15%); 0: the full head on every position. Evaluation uses the full head.
+  config.data.max_predictions = -1
   config.data.num_examples = 0  # Synthetic data: examples generated; 0 is the loader's default.
   config.data.augment = False  # Images: random crop + horizontal flip of training batches.
   config.data.cache_dir = ""  # Derived artefacts (e.g. the tokenizer); "" is the workdir.
@@ -285,6 +290,9 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
     precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
   except ConfigError as error:
     problems.append(f"precision: {error}")
+  check(config.data.max_predictions >= -1,
+        f"data.max_predictions must be >= 0 (0: every position) or -1 (derived from "
+        f"seq_len and mlm_probability), got {config.data.max_predictions}")
   check(0 <= config.data.val_fraction < 0.5,
         f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
   for axis, size in config.mesh.items():

@@ -266,15 +266,19 @@ def test_train_mode_draws_dropout_and_remat_checkpoints_the_layers():
 
 def test_scan_unroll_keeps_parameters_and_logits():
   """`scan_unroll`: the same stacked parameters and the same logits with the scan's loop
-  unrolled (both layers in one iteration)."""
+  unrolled (both layers in one iteration; 0, the default, unrolls every layer) as with
+  one layer per iteration."""
   module, ids = _tiny(dropout_rate=0.0), _ids((2, 6), 64)
   variables = _random_variables(module, ids)
-  unrolled = module.clone(scan_unroll=2)
-  shapes = nn.unbox(jax.eval_shape(unrolled.init, jax.random.key(0), ids))
-  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
-  assert "unroll=2" in str(jax.make_jaxpr(unrolled.apply)(variables, ids))
-  np.testing.assert_allclose(jax.jit(unrolled.apply)(variables, ids),
-                             jax.jit(module.apply)(variables, ids), rtol=1e-5, atol=1e-5)
+  looped = module.clone(scan_unroll=1)
+  assert "unroll=1" in str(jax.make_jaxpr(looped.apply)(variables, ids))
+  want = jax.jit(looped.apply)(variables, ids)
+  for unrolled in (module.clone(scan_unroll=2), module):
+    shapes = nn.unbox(jax.eval_shape(unrolled.init, jax.random.key(0), ids))
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
+    assert "unroll=2" in str(jax.make_jaxpr(unrolled.apply)(variables, ids))
+    np.testing.assert_allclose(jax.jit(unrolled.apply)(variables, ids), want, rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -312,6 +316,21 @@ def test_attention_dropout_rate_is_separate_from_the_residual_dropout():
   assert draws(module.clone(dropout_rate=0.0, attention_dropout_rate=0.5)) == 1
 
 
+def test_mlm_positions_give_the_full_logits_at_those_positions(bert_tiny):
+  """`mlm_positions` runs the head on the gathered positions only: its logits are the
+  full head's at those positions (float32 rounding), and the call without it is
+  unchanged (export calls the module with ids, mask and types only)."""
+  module, variables, ids, full = bert_tiny
+  positions = jnp.asarray([[0, 3, 3], [7, 1, 0]], jnp.int32)
+  mask, types = jnp.ones_like(ids), jnp.zeros_like(ids)
+  gathered = jax.jit(lambda v, p: module.apply(v, ids, mask, types, train=False,
+                                               mlm_positions=p))(variables, positions)
+  assert gathered.shape == (2, 3, 64) and gathered.dtype == jnp.float32
+  want = np.take_along_axis(np.asarray(full), np.asarray(positions)[..., None], axis=1)
+  np.testing.assert_allclose(gathered, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(jax.jit(module.apply)(variables, ids, mask, types), full)
+
+
 def test_sequence_longer_than_max_position_is_a_config_error():
   with pytest.raises(ConfigError, match="max_position"):
     _tiny().init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
@@ -330,9 +349,10 @@ def test_registered_models():
   spec = registry.get_spec("bert-tiny")
   assert list(spec.check(ml_collections.ConfigDict(spec.defaults))) == []
   bad = ml_collections.ConfigDict({**spec.defaults, "num_heads": 3, "matmul_impl": "cuda",
-                                   "dropout_rate": 1.0})
+                                   "dropout_rate": 1.0, "scan_unroll": -1})
   problems = " ".join(spec.check(bad))
   assert "divisible" in problems and "matmul_impl" in problems and "dropout_rate" in problems
+  assert "scan_unroll must be >= 0 (0: every layer" in problems
   # Fused attention has no attention-weight dropout, which by default follows dropout_rate.
   fused = ml_collections.ConfigDict({**spec.defaults, "attention_impl": "cudnn"})
   assert "add --config.model.attention_dropout_rate=0" in " ".join(spec.check(fused))

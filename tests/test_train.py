@@ -1,5 +1,7 @@
 """The training step against independent references, and a short end-to-end run."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,101 @@ def test_mlm_evaluation_does_not_depend_on_the_batch_size():
     batched = evaluate(state, eval_fn, split, batch_size)
     np.testing.assert_allclose(batched["loss"], whole["loss"], rtol=1e-6)
     assert batched["accuracy"] == pytest.approx(whole["accuracy"], abs=1e-12)
+
+
+def _tiny_mlm(**data_fields):
+  config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
+  config.model.update(hidden=16, num_layers=1, num_heads=2, mlp_dim=32, max_position=16)
+  config.data.seq_len, config.data.vocab_size = 16, 128
+  config.data.update(data_fields)
+  dataset = data.get_dataset(config.data)
+  task = make_task("mlm", config.data, dataset.metadata)
+  model = models.get_spec("bert-tiny").build(config.model, dataset.num_classes, jnp.float32)
+  state = create_train_state(model, optax.sgd(0.1), task.example_batch(dataset.splits["train"]),
+                             seed=0, task=task)
+  return dataset, task, state
+
+
+def _mlm_loss_and_grads(task, state, batch, rng):
+  """The training loss (dropout on) and its gradients, computed as the train step does."""
+
+  def loss(params):
+    prepared = task.prepare(batch, rng, train=True)
+    args, kwargs = task.model_args(prepared)
+    outputs = state.apply_fn({"params": params}, *args, train=True, **kwargs,
+                             rngs={"dropout": jax.random.PRNGKey(7)})
+    scores = task.score(outputs, prepared)
+    return jnp.sum(scores["loss"]) / jnp.sum(scores["weight"])
+
+  return jax.jit(jax.value_and_grad(loss))(state.params)
+
+
+def test_masked_only_mlm_head_gives_the_full_heads_loss_and_gradients():
+  """Training gathers the masked positions before the vocabulary projection (by default
+  ceil(mean + 4 sd) = 9 slots of 16 here): the loss and every gradient equal the full
+  head's (data.max_predictions=0) on the same batch, dropout on, to float32 rounding."""
+  dataset, task, state = _tiny_mlm()
+  assert task.max_predictions == -1 and task.prediction_slots(16) == 9
+  full_task = dataclasses.replace(task, max_predictions=0)
+  batch = data.BatchIterator(dataset.splits["train"], 8, seed=0).batch(0)
+  rng = jax.random.PRNGKey(3)
+  gathered = jax.jit(lambda b: task.prepare(b, rng, train=True))(batch)
+  full = jax.jit(lambda b: full_task.prepare(b, rng, train=True))(batch)
+  assert gathered["mlm_positions"].shape == (8, 9) and "mlm_positions" not in full
+  # No sequence masked more than 9 here, so both score the same tokens on the same input.
+  np.testing.assert_array_equal(gathered["input_ids"], full["input_ids"])
+  assert float(gathered["mlm_weights"].sum()) == float(full["mlm_weights"].sum()) > 8
+  want_loss, want_grads = _mlm_loss_and_grads(full_task, state, batch, rng)
+  got_loss, got_grads = _mlm_loss_and_grads(task, state, batch, rng)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  # Evaluation batches keep the full head.
+  assert "mlm_positions" not in task.prepare(batch, rng, train=False)
+
+
+def test_masked_tokens_beyond_the_prediction_slots_stay_unmasked():
+  """With more masked tokens than slots, a sequence keeps its first `max_predictions`
+  (in position order) and gets the others back unmasked: the gathered loss is the full
+  head's on that input with those weights."""
+  dataset, task, state = _tiny_mlm(mlm_probability=0.5, max_predictions=2)
+  batch = data.BatchIterator(dataset.splits["train"], 8, seed=0).batch(0)
+  rng = jax.random.PRNGKey(3)
+  uncapped = dataclasses.replace(task, max_predictions=0).prepare(batch, rng, train=True)
+  capped = task.prepare(batch, rng, train=True)
+  selected = np.asarray(uncapped["mlm_weights"]) > 0
+  assert (selected.sum(-1) > 2).any()  # The cap binds.
+  kept = selected & (np.cumsum(selected, -1) <= 2)
+  counts = np.minimum(selected.sum(-1), 2)
+  np.testing.assert_array_equal(capped["mlm_weights"], np.arange(2) < counts[:, None])
+  for row in range(8):
+    np.testing.assert_array_equal(np.asarray(capped["mlm_positions"][row])[
+        np.asarray(capped["mlm_weights"][row]) > 0], np.flatnonzero(kept[row]))
+  ids = np.where(kept, uncapped["input_ids"], batch["input_ids"])
+  np.testing.assert_array_equal(capped["input_ids"], ids)
+  logits = state.apply_fn({"params": state.params}, capped["input_ids"],
+                          attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"])
+  full = dataclasses.replace(task, max_predictions=0).score(
+      logits, {"mlm_labels": uncapped["mlm_labels"], "mlm_weights": kept.astype(np.float32)})
+  args, kwargs = task.model_args(capped)
+  scores = task.score(state.apply_fn({"params": state.params}, *args, **kwargs), capped)
+  np.testing.assert_allclose(scores["loss"], full["loss"], rtol=1e-6)
+  np.testing.assert_array_equal(scores["weight"], full["weight"])
+
+
+def test_first_argmax_is_argmax():
+  """The MLM accuracy's argmax (two plain reductions): jnp.argmax's index, ties (first
+  wins), infinities and NaN (the first NaN wins) included."""
+  from dsjax.train.tasks import first_argmax
+
+  logits = np.random.default_rng(0).normal(size=(6, 5, 33)).astype(np.float32)
+  logits[0, 0, [3, 7]] = 9.0  # A tie.
+  logits[1, 1] = -np.inf
+  logits[2, 2, 5] = np.inf
+  logits[3, 3, [4, 9]] = np.nan
+  logits[4, 4, :] = 1.0
+  np.testing.assert_array_equal(jax.jit(first_argmax)(logits), np.argmax(logits, -1))
 
 
 def _reference_loss(params, state, batch):
@@ -165,6 +262,28 @@ def test_nonfinite_step_is_skipped_and_scale_backs_off():
   for got, want in zip(jax.tree.leaves(updated.params), jax.tree.leaves(reference.params),
                        strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_one_device_step_reduces_small_leaves_together():
+  """On one device the finite check and the norms reduce the small leaves as one
+  concatenated vector (a few kernels instead of dozens): the metrics equal the per-leaf
+  ones (8 devices visible, no mesh) to float32 rounding, and a non-finite gradient is
+  still caught."""
+  from dsjax.train import step as step_lib
+
+  state, batch, lr = _setup(batch_size=16, optimizer="adamw")
+  step_fn = make_train_step(CLS, 1, lr)
+  _, per_leaf = jax.jit(step_fn)(state, batch, jax.random.PRNGKey(0))
+  image = batch["image"].copy()
+  image[3, 0, 0, 0] = np.nan
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+    assert len(step_lib._reduction_operands(state.params)) == 1  # Every CNN leaf is small.
+    _, grouped = jax.jit(step_fn)(state, batch, jax.random.PRNGKey(0))
+    _, poisoned = jax.jit(step_fn)(state, dict(batch, image=image), jax.random.PRNGKey(0))
+  assert len(step_lib._reduction_operands(state.params)) == len(jax.tree.leaves(state.params))
+  for key in ("loss", "grad_norm", "param_norm", "update_norm"):
+    np.testing.assert_allclose(grouped[key], per_leaf[key], rtol=1e-6)
+  assert int(grouped["skipped_steps"]) == 0 and int(poisoned["skipped_steps"]) == 1
 
 
 def test_half_residuals_keep_the_gradients():

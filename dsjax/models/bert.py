@@ -190,9 +190,11 @@ class BertEncoder(nn.Module):
     plan: precision plan, or None.
     matmul_impl: "xla" or "pallas".
     remat: recompute each layer's activations in the backward pass.
-    scan_unroll: layers per iteration of the scan's loop (`num_layers`: no loop). The
-      parameters stay stacked [layers, ...] either way; unrolling lets XLA fuse across
-      layers and drop the loop's per-layer slicing and stacking copies.
+    scan_unroll: layers per iteration of the scan's loop; 0 (the default) or
+      `num_layers`: every layer, no loop. The parameters stay stacked [layers, ...]
+      either way; unrolling lets XLA fuse across layers and drops the loop's per-layer
+      slicing of the parameters and stacking of the residuals (on the 2-core CPU, bert-base
+      bf16 steps ran 15% faster unrolled; docs/benchmarks.md), for a longer compile.
     attention_impl: one of `dsjax.nn.ATTENTION_IMPLS`.
     attention_dropout_rate: dropout on the attention weights; None: `dropout_rate`.
   """
@@ -206,7 +208,7 @@ class BertEncoder(nn.Module):
   plan: dsnn.PrecisionPlan | None = None
   matmul_impl: str = "xla"
   remat: bool = False
-  scan_unroll: int = 1
+  scan_unroll: int = 0
   attention_impl: str = "explicit"
   attention_dropout_rate: float | None = None
 
@@ -225,7 +227,7 @@ class BertEncoder(nn.Module):
     stack = nn.scan(body, variable_axes={"params": 0, dsnn.STATS: 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
-                    unroll=min(self.scan_unroll, self.num_layers),
+                    unroll=min(self.scan_unroll or self.num_layers, self.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
                       self.compute_dtype, self.plan, self.matmul_impl, self.attention_impl,
@@ -252,7 +254,7 @@ class Bert(nn.Module):
     plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
     matmul_impl: "xla" or "pallas" for the dense layers.
     remat: recompute encoder-layer activations in the backward pass.
-    scan_unroll: encoder layers per loop iteration (see `BertEncoder`).
+    scan_unroll: encoder layers per loop iteration; 0: all of them (see `BertEncoder`).
     num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
     num_microbatches: pipeline micro-batches per (gradient-accumulation) batch.
     num_repeats: circular pipeline repeats (`dsjax.parallel.pipeline`); 1 is GPipe.
@@ -274,7 +276,7 @@ class Bert(nn.Module):
   plan: dsnn.PrecisionPlan | None = None
   matmul_impl: str = "xla"
   remat: bool = False
-  scan_unroll: int = 1
+  scan_unroll: int = 0
   num_stages: int = 1
   num_microbatches: int = 1
   num_repeats: int = 1
@@ -283,7 +285,8 @@ class Bert(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               token_type_ids: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+               token_type_ids: jax.Array | None = None, *, train: bool = False,
+               mlm_positions: jax.Array | None = None) -> jax.Array:
     """Returns float32 MLM logits [batch, length, vocab_size].
 
     Args:
@@ -291,6 +294,10 @@ class Bert(nn.Module):
       attention_mask: [batch, length], 1 for real tokens and 0 for padding; None: all 1.
       token_type_ids: [batch, length] segment ids; None: all 0.
       train: enables dropout (needs a "dropout" rng).
+      mlm_positions: [batch, predictions] int positions: the head (its dense, norm and
+        vocabulary projection) runs on these positions only, as NVIDIA's BERT does in
+        pretraining, and the logits are [batch, predictions, vocab_size]. None: every
+        position.
 
     Returns:
       The logits, float32.
@@ -340,6 +347,11 @@ class Bert(nn.Module):
                       self.remat, self.scan_unroll, self.attention_impl,
                       self.attention_dropout_rate, name="encoder")(x, attention_bias,
                                                                    train=train)
+    if mlm_positions is not None:
+      # Gathered before the head: its vocabulary projection is the costliest matmul of a
+      # small BERT, and training scores only the ~15% masked positions.
+      x = jnp.take_along_axis(x, mlm_positions[..., None].astype(jnp.int32), axis=1)
+      x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     x = dsnn.Dense(self.hidden, kernel_axes=("embed", None), name="mlm_dense", **dense)(x)
     x = dsnn.LayerNorm(name="mlm_norm", **norm)(_gelu(x))
     bias = self.param("mlm_bias", nn.with_logical_partitioning(
@@ -370,9 +382,12 @@ def _attention_dropout(model_config: Any) -> float:
 
 def _check(model_config: Any) -> list[str]:
   problems = []
-  for field in ("hidden", "num_layers", "num_heads", "mlp_dim", "max_position", "scan_unroll"):
+  for field in ("hidden", "num_layers", "num_heads", "mlp_dim", "max_position"):
     if model_config[field] < 1:
       problems.append(f"{field} must be >= 1, got {model_config[field]}")
+  if model_config.scan_unroll < 0:
+    problems.append(f"scan_unroll must be >= 0 (0: every layer, no loop), got "
+                    f"{model_config.scan_unroll}")
   if model_config.num_heads >= 1 and model_config.hidden % model_config.num_heads:
     problems.append(f"hidden={model_config.hidden} must be divisible by "
                     f"num_heads={model_config.num_heads}")
@@ -409,7 +424,7 @@ def _flops_per_example(model_config: Any, num_classes: int, example: Any) -> flo
 
 _DEFAULTS = {"hidden": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512,
              "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False,
-             "scan_unroll": 1, "attention_impl": "explicit", "attention_dropout_rate": -1.0}
+             "scan_unroll": 0, "attention_impl": "explicit", "attention_dropout_rate": -1.0}
 _SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
           "bert-base": (12, 768, 12, 3072)}
 for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():

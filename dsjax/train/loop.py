@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # Config sections that must not change between a run and its resumption: they decide the
 # meaning of the checkpointed arrays and of the data position.
 _RESUME_INVARIANT = ("seed", "model", "data", "optimizer", "precision")
+# Keys of those sections that only change how the step compiles, not what the arrays mean
+# (BERT workdirs written when the encoder scan looped by default resume unrolled).
+_RESUME_COMPILE_ONLY = {"model": ("scan_unroll",)}
 
 
 def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
@@ -93,7 +96,7 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose saved config differs in a resume-invariant section."""
   saved = checkpoint.check_resumable(
-      workdir, config, _RESUME_INVARIANT,
+      workdir, config, _RESUME_INVARIANT, ignore=_RESUME_COMPILE_ONLY,
       defaults=with_model_defaults(base_config(), config.model.name))
   if saved is None:
     return

@@ -25,6 +25,39 @@ from dsjax.train.tasks import Task
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# On one device, leaves below this many elements are checked and normed as one vector per
+# dtype: every reduction is a kernel of its own, and the digits CNN's step spent 12% of its
+# time (2-core CPU) on the few dozen tiny reductions of its finite check and norms.
+_SMALL_LEAF = 1 << 20
+
+
+def _reduction_operands(tree: Any) -> list[jax.Array]:
+  """The floating leaves of `tree`, for a reduction over all of them: on one device the
+  small ones raveled and concatenated per dtype; on a mesh as they are (leaves sharded
+  differently would be gathered to be concatenated)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  mesh = jax.sharding.get_abstract_mesh()
+  if (mesh.size if mesh.shape else jax.device_count()) > 1:
+    return leaves
+  small: dict[Any, list[jax.Array]] = {}
+  for x in leaves:
+    if x.size < _SMALL_LEAF:
+      small.setdefault(x.dtype, []).append(x.ravel())
+  return ([x for x in leaves if x.size >= _SMALL_LEAF]
+          + [jnp.concatenate(group) for group in small.values()])
+
+
+def _norm(tree: Any) -> jax.Array:
+  """The global L2 norm of `tree`'s floating leaves (what `optax.tree.norm` computes)."""
+  operands = _reduction_operands(tree)
+  # Big leaves through optax itself: XLA merges their reductions with those of gradient
+  # clipping's norm (the same operations on the same arrays), so no array is read twice.
+  big = [x for x in operands if x.size >= _SMALL_LEAF]
+  squares = optax.tree.norm(big, squared=True) if big else jnp.zeros((), jnp.float32)
+  for x in operands:
+    if x.size < _SMALL_LEAF:
+      squares = squares + jnp.sum(jnp.square(x.astype(jnp.float32)))
+  return jnp.sqrt(squares)
 
 
 def _forward(state: TrainState, task: Task, params: Any, model_state: Any, batch: Batch,
@@ -203,7 +236,7 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
           state, batch, rng)
       sync_metrics = {"grad_sent_fraction": sync["sent"] / sync["total"],
                       "grad_overflow": sync["overflow"]}
-    finite = precision.all_finite(grads)
+    finite = precision.all_finite(_reduction_operands(grads))
     pending = state.pending_grads
     if delayed_update:
       # Apply last step's gradient; this step's waits in the state for the next step.
@@ -222,9 +255,9 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
         "loss": loss,
         "accuracy": accuracy,
         "learning_rate": learning_rate_fn(state.step),
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(new_state.params),
-        "update_norm": optax.tree.norm(updates),
+        "grad_norm": _norm(grads),
+        "param_norm": _norm(new_state.params),
+        "update_norm": _norm(updates),
         "loss_scale": new_state.loss_scale.loss_scale,
         "skipped_steps": new_state.loss_scale.skipped_steps,
         **sync_metrics,
