@@ -23,9 +23,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.errors import ConfigError
+from dsjax.measure import collective_bytes
 from dsjax.parallel import compression as comp
 from dsjax.parallel import overlap
-from dsjax.profile import collective_bytes
 
 REPLICAS = 8
 SMALL = {"w": (64, 40), "b": (40,)}  # w (2560 entries) is compressed, b (40) goes dense.

@@ -9,10 +9,10 @@ import pytest
 from dsjax import config as config_lib
 from dsjax import data, models
 from dsjax.errors import ConfigError
+from dsjax.measure import tree_bytes
 from dsjax.parallel import mesh as mesh_lib
 from dsjax.parallel import sharding
 from dsjax.parallel.compression import parse_compression
-from dsjax.profile import tree_bytes
 from dsjax.train import Task, create_train_state, make_train_step
 from dsjax.train.optim import build_optimizer
 from dsjax.train.precision_plan import PlanRuntime

@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 from dsjax.errors import ConfigError
+from dsjax.measure import hlo
 from dsjax.parallel.pipeline import CircularLayout, Pipeline, bubble_fraction
-from dsjax.profile import hlo
 
 HIDDEN, LAYERS, BATCH, SEQ = 8, 8, 8, 2
 RULES = (("layers", "pipe"), ("stages", "pipe"), ("batch", "data"), ("replica", "data"))

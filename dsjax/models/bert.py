@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from dsjax import measure
 from dsjax import nn as dsnn
 from dsjax.errors import ConfigError
 from dsjax.models import bert_hf, registry
 from dsjax.nn.layers import sow_stats
 from dsjax.parallel import pipeline
-from dsjax.profile import flops as profile_flops
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 _INIT = nn.initializers.normal(stddev=0.02)  # As BERT (initializer_range).
@@ -427,7 +427,7 @@ def _check(model_config: Any) -> list[str]:
 
 def _flops_per_example(model_config: Any, num_classes: int, example: Any) -> float:
   seq_len = int(example["input_ids"].shape[-1])
-  return seq_len * profile_flops.transformer_flops_per_token(
+  return seq_len * measure.transformer_flops_per_token(
       num_layers=model_config.num_layers, hidden=model_config.hidden,
       mlp_dim=model_config.mlp_dim, seq_len=seq_len, vocab_size=num_classes)
 

@@ -4,7 +4,7 @@ Deep Gradient Compression (Lin et al., 2018) and PowerSGD (Vogels et al., 2019) 
 functions that a train step calls inside `jax.shard_map` over the data axis. Nothing in JAX
 or optax offers top-k sparsification with error feedback, so the exchange is written here
 with explicit collectives; its traffic is read back from the compiled HLO with
-`dsjax.profile.collective_bytes`.
+`dsjax.measure.collective_bytes`.
 
 Conventions:
   * `grads` passed to `exchange` is this replica's local gradient pytree, leaves shaped like

@@ -14,7 +14,7 @@ import os
 import re
 
 from dsjax.errors import ConfigError
-from dsjax.profile.hlo import COLLECTIVE_KINDS
+from dsjax.measure.hlo import COLLECTIVE_KINDS
 
 _GPU_FLAGS = (
     # Schedules collectives as async start/done pairs overlapped with independent compute.

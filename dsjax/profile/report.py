@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from dsjax.profile import trace as trace_lib
+from dsjax.measure import trace as trace_lib
 from dsjax.train import train_and_evaluate
 from dsjax.train.metrics import write_json
 
@@ -107,12 +107,33 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"communication    {100 * communication['share']:.1f}% of XLA instruction "
                  "time in collectives (from the trace)")
   if report.get("device_time"):
-    lines.append(trace_lib.format_breakdown(report["device_time"]))
+    lines.append(format_breakdown(report["device_time"]))
   if report["findings"]:
     lines.append(f"top bottleneck   {report['findings'][0]['message']}")
     lines += [f"  also: {f['message']}" for f in report["findings"][1:]]
   else:
     lines.append("top bottleneck   none found above the thresholds")
+  return "\n".join(lines)
+
+
+def format_breakdown(breakdown: dict[str, Any], rows: int = 12) -> str:
+  """The rankings of `dsjax.measure.trace.op_breakdown` as text tables."""
+  lines = []
+  classes = breakdown.get("classes") or {}
+  total = sum(classes.values())
+  if total:
+    lines.append("device time      " + ", ".join(
+        f"{kind} {100 * seconds / total:.0f}%" for kind, seconds in classes.items()))
+  for key, title in (("modules", "programs"), ("op_kinds", "instruction kinds"),
+                     ("ops", "instructions"), ("kernels", "kernels")):
+    ranked = breakdown.get(key) or []
+    if not ranked:
+      continue
+    lines.append(f"{title} by device time:")
+    for row in ranked[:rows]:
+      detail = row.get("long_name") or row.get("hlo_category") or ""
+      lines.append(f"  {100 * row['share']:5.1f}%  {row['seconds'] * 1e3:9.2f} ms  "
+                   f"x{row['count']:<5d} {row['name'][:60]}  {detail[:90]}")
   return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from dsjax import data, models, plots, precision, profile
+from dsjax import data, measure, models, plots, precision
 from dsjax.config import base_config, validate, with_model_defaults
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.parallel import compression as compression_lib
@@ -213,13 +213,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       compiled = plans.compile(state, first_batch, rng, collect_stats=True, density=density)
     if not plans.collects_every_step():  # The plain step (the one memory is reported for).
       compiled = plans.compile(state, first_batch, rng, density=density)
-    memory = profile.memory_report(compiled, state.params, state.opt_state)
-    collectives = profile.collective_bytes(compiled)
+    memory = measure.memory_report(compiled, state.params, state.opt_state)
+    collectives = measure.collective_bytes(compiled)
     if grad_compression is not None:
       # The same step with XLA's dense all-reduce, compiled only to read its traffic.
       with plans.context():
         dense = jax.jit(make_step(False, None, None)).lower(state, first_batch, rng).compile()
-      dense_bytes = profile.collective_bytes(dense)["total"]
+      dense_bytes = measure.collective_bytes(dense)["total"]
   compile_time = time.perf_counter() - compile_start
   analytic_flops = 0.0  # Per device and step: 3x the forward matmul FLOPs.
   if spec.flops_per_example is not None:
@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # analytic count where the model has one (MaxText's MFU definition).
     return analytic_flops or plans.flops_per_step()
 
-  peak_flops, peak_source = profile.device_peak_flops(
+  peak_flops, peak_source = measure.device_peak_flops(
       half_precision=jnp.dtype(policy.compute_dtype) != jnp.float32)
   if memory:
     mib = 2.0**20
@@ -442,7 +442,7 @@ def _throughput(flops_per_step: float, step_seconds: float, peak_flops: float,
   """
   return {
       "tflops_per_device": flops_per_step / step_seconds / 1e12 if step_seconds else 0.0,
-      "mfu": profile.mfu(flops_per_step, step_seconds, peak_flops),
+      "mfu": measure.mfu(flops_per_step, step_seconds, peak_flops),
       "step_ms": step_seconds * 1e3,
       "data_wait_ms": data_seconds * 1e3,
       "host_ms": host_seconds * 1e3,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsjax import precision, profile
+from dsjax import measure, precision
 from dsjax.nn import PrecisionPlan
 from dsjax.parallel import mesh as parallel_mesh
 from dsjax.parallel import sharding
@@ -162,7 +162,7 @@ class PlanRuntime:
   def flops_per_step(self) -> float:
     """XLA's FLOPs of the current plan's compiled step (0 before it is compiled)."""
     compiled = self._current or next(iter(self._compiled.values()), None)
-    return profile.compiled_flops(compiled) if compiled is not None else 0.0
+    return measure.compiled_flops(compiled) if compiled is not None else 0.0
 
   def comm_bytes(self) -> int:
     """Bytes the collectives of the step that ran last move (from its compiled HLO)."""
@@ -170,7 +170,7 @@ class PlanRuntime:
       return 0
     if id(self._current) not in self._comm_bytes:
       self._comm_bytes[id(self._current)] = int(
-          profile.collective_bytes(self._current)["total"])
+          measure.collective_bytes(self._current)["total"])
     return self._comm_bytes[id(self._current)]
 
   def after_step(self, step: int, state: TrainState, metrics: dict[str, Any],

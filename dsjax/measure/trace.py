@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dsjax.profile.hlo import COLLECTIVE_KINDS
+from dsjax.measure.hlo import COLLECTIVE_KINDS
 
 # HLO instruction names: lowercase words with - or _, an optional .N suffix.
 _INSTRUCTION = re.compile(r"^%?[a-z][a-z0-9_\-]*(\.\d+)*$")
@@ -194,23 +194,3 @@ def op_breakdown(trace_dir: str | Path, top: int = 25) -> dict[str, Any]:
           "kernel_seconds": kernel_seconds, "module_seconds": module_seconds,
           "classes": classes}
 
-
-def format_breakdown(breakdown: dict[str, Any], rows: int = 12) -> str:
-  """The rankings of `op_breakdown` as text tables."""
-  lines = []
-  classes = breakdown.get("classes") or {}
-  total = sum(classes.values())
-  if total:
-    lines.append("device time      " + ", ".join(
-        f"{kind} {100 * seconds / total:.0f}%" for kind, seconds in classes.items()))
-  for key, title in (("modules", "programs"), ("op_kinds", "instruction kinds"),
-                     ("ops", "instructions"), ("kernels", "kernels")):
-    ranked = breakdown.get(key) or []
-    if not ranked:
-      continue
-    lines.append(f"{title} by device time:")
-    for row in ranked[:rows]:
-      detail = row.get("long_name") or row.get("hlo_category") or ""
-      lines.append(f"  {100 * row['share']:5.1f}%  {row['seconds'] * 1e3:9.2f} ms  "
-                   f"x{row['count']:<5d} {row['name'][:60]}  {detail[:90]}")
-  return "\n".join(lines)

@@ -1,0 +1,17 @@
+"""Measuring a compiled step: FLOPs and MFU from XLA's cost analysis, collective bytes from
+the compiled HLO, memory from the compiled memory analysis, device time from a trace
+(`dsjax.measure.trace`). The trainer, the models and the profiling app read these."""
+
+from dsjax.measure.flops import (
+    compiled_flops,
+    device_peak_flops,
+    measured_peak_flops,
+    mfu,
+    transformer_flops_per_token,
+)
+from dsjax.measure.hlo import COLLECTIVE_KINDS, collective_bytes
+from dsjax.measure.memory import memory_report, tree_bytes
+
+__all__ = ["COLLECTIVE_KINDS", "collective_bytes", "compiled_flops", "device_peak_flops",
+           "measured_peak_flops", "memory_report", "mfu", "transformer_flops_per_token",
+           "tree_bytes"]
