@@ -1,5 +1,6 @@
-"""Measured figures against analytic counts: FLOPs, collective bytes, memory, MFU, trace time."""
+"""Measured figures against analytic counts: FLOPs, collective bytes, memory, MFU, trace, AUC."""
 
+import math
 import textwrap
 
 import jax
@@ -196,3 +197,14 @@ def test_collectives_inside_loops_count_once_per_iteration():
   moved = measure.collective_bytes(text)
   assert moved["all-reduce"] == 2 * 3 * 4 * 4 * 2
   assert moved["all-gather"] == 8 * 4
+
+
+def test_roc_auc_weights_and_single_class():
+  labels = np.array([0, 0, 1, 1, 0, 1])
+  scores = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.7])
+  assert measure.roc_auc(labels, scores) == pytest.approx(5 / 9)
+  # Zero-weight (padding) examples are ignored, whatever their label and score.
+  padded = measure.roc_auc(np.r_[labels, 0, 0], np.r_[scores, 5.0, 5.0], np.r_[np.ones(6), 0, 0])
+  assert padded == pytest.approx(5 / 9)
+  assert math.isnan(measure.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
+  assert math.isnan(measure.roc_auc([0, 1], [0.1, 0.2], [1.0, 0.0]))

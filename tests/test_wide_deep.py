@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import time
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax import config as config_lib
+from dsjax import measure
 from dsjax.data import ctr
-from dsjax.data.pipeline import BatchIterator, get_dataset
+from dsjax.data.dataset import BatchIterator, get_dataset
 from dsjax.errors import DataError
 from dsjax.models import registry
 from dsjax.models.wide_deep import WideDeep, cross_ids
@@ -70,17 +70,6 @@ def test_synthetic_shapes_metadata_and_determinism():
 def test_synthetic_rejects_too_few_examples():
   with pytest.raises(DataError, match="too few.*num_examples"):
     get_dataset(_data_config(num_examples=5))
-
-
-def test_roc_auc_weights_and_single_class():
-  labels = np.array([0, 0, 1, 1, 0, 1])
-  scores = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.7])
-  assert ctr.roc_auc(labels, scores) == pytest.approx(5 / 9)
-  # Zero-weight (padding) examples are ignored, whatever their label and score.
-  padded = ctr.roc_auc(np.r_[labels, 0, 0], np.r_[scores, 5.0, 5.0], np.r_[np.ones(6), 0, 0])
-  assert padded == pytest.approx(5 / 9)
-  assert math.isnan(ctr.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
-  assert math.isnan(ctr.roc_auc([0, 1], [0.1, 0.2], [1.0, 0.0]))
 
 
 # --- model ----------------------------------------------------------------------
@@ -185,7 +174,7 @@ def test_training_reaches_most_of_the_bayes_auc():
   for i in range(240):  # ~1.5 epochs: these small tables overfit beyond ~2.
     params, opt_state = step(params, opt_state, batches.batch(i))
   logits = jax.jit(model.apply)(params, test["dense"], test["sparse"])
-  auc = ctr.roc_auc(test["label"], logits)
+  auc = measure.roc_auc(test["label"], logits)
   ratio = auc / ds.metadata["bayes_auc"]
   print(f"test AUC {auc:.4f} vs Bayes {ds.metadata['bayes_auc']:.4f} (ratio {ratio:.3f}) "
         f"in {time.perf_counter() - start:.1f}s")

@@ -8,7 +8,7 @@ from dsjax.data import cifar10 as _cifar10  # noqa: F401  (registers 'cifar10')
 from dsjax.data import ctr as _ctr  # noqa: F401  (registers 'ctr-synthetic', 'criteo')
 from dsjax.data import digits as _digits  # noqa: F401  (registers 'digits')
 from dsjax.data import text as _text  # noqa: F401  (registers 'text')
-from dsjax.data.pipeline import (
+from dsjax.data.dataset import (
     DATASETS,
     BatchIterator,
     Dataset,

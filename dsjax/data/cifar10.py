@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dsjax.data.pipeline import Dataset, check_val_fraction, register_dataset, split_train_val
+from dsjax.data.dataset import Dataset, check_val_fraction, register_dataset, split_train_val
 from dsjax.errors import DataError
 
 NUM_CLASSES = 10

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from dsjax.data.pipeline import Dataset, check_val_fraction, register_dataset, split_train_val
+from dsjax.data.dataset import Dataset, check_val_fraction, register_dataset, split_train_val
 from dsjax.errors import DataError
+from dsjax.measure.auc import roc_auc
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -43,35 +44,6 @@ _BIAS = -2.4  # Puts the positive rate near Criteo's ~25%.
 _CRITEO_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 _CRITEO_SALT = 0xC217E0
 _HASH_RANGE = 2**31 - 1  # Hashed ids lie in [1, 2**31 - 1]: non-negative int32, 0 reserved.
-
-
-def roc_auc(labels: Any, scores: Any, weights: Any = None) -> float:
-  """Area under the ROC curve of `scores` for binary `labels` (scikit-learn's).
-
-  Examples of weight 0 (e.g. the padding of `eval_batches`, whose mask can be passed as
-  `weights`) are dropped first. AUC is undefined when the remaining examples are all of
-  one class (a tiny or degenerate split): the result is then nan rather than an error, so
-  an evaluation loop can log it and carry on.
-
-  Args:
-    labels: 0/1 labels [N].
-    scores: real-valued scores [N] (logits or probabilities: AUC only uses their order).
-    weights: optional non-negative example weights [N].
-
-  Returns:
-    The AUC in [0, 1], or nan if fewer than two classes have positive weight.
-  """
-  labels = np.asarray(labels).reshape(-1)
-  scores = np.asarray(scores, np.float64).reshape(-1)
-  if weights is not None:
-    weights = np.asarray(weights, np.float64).reshape(-1)
-    keep = weights > 0
-    labels, scores, weights = labels[keep], scores[keep], weights[keep]
-  if np.unique(labels).size < 2:
-    return float("nan")
-  from sklearn import metrics as sk_metrics  # noqa: PLC0415 - 1.4 s to import; CLIs start faster.
-
-  return float(sk_metrics.roc_auc_score(labels, scores, sample_weight=weights))
 
 
 def _log_loss(labels: np.ndarray, probs: np.ndarray) -> float:

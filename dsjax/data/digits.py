@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dsjax.data.pipeline import Dataset, check_val_fraction, register_dataset
+from dsjax.data.dataset import Dataset, check_val_fraction, register_dataset
 from dsjax.errors import DataError
 
 TEST_FRACTION = 0.2

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.data.pipeline import Dataset, check_val_fraction, register_dataset, split_train_val
+from dsjax.data.dataset import Dataset, check_val_fraction, register_dataset, split_train_val
 from dsjax.errors import DataError
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ import numpy as np
 
 from dsjax import data
 from dsjax.export.restore import RestoredRun
+from dsjax.measure import auc
 from dsjax.train import tasks
 
 Runner = Callable[[Sequence[np.ndarray]], np.ndarray]
@@ -122,8 +123,7 @@ def evaluate(run: RestoredRun, runner: Runner, eval_set: EvalData) -> dict[str, 
   count = max(totals["weight"], 1.0)
   metrics = {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
   if scores:
-    from dsjax.data import ctr  # noqa: PLC0415 - only click prediction scores AUC.
-    metrics["auc"] = ctr.roc_auc(np.concatenate(labels), np.concatenate(scores))
+    metrics["auc"] = auc.roc_auc(np.concatenate(labels), np.concatenate(scores))
   return metrics
 
 

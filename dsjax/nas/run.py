@@ -26,7 +26,7 @@ import tqdm
 
 from dsjax import data, models, plots, precision
 from dsjax.config import base_config, validate, with_model_defaults
-from dsjax.data.pipeline import split_train_val
+from dsjax.data.dataset import split_train_val
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.nas import cost, derivation, search, space
 from dsjax.train import checkpoint, precision_plan

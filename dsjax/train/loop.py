@@ -88,8 +88,7 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
   if scores:
     keep = np.concatenate(masks) > 0
     labels = np.asarray(arrays["label"])
-    from dsjax.data import ctr  # noqa: PLC0415 - only click-prediction runs score AUC.
-    result["auc"] = ctr.roc_auc(labels, np.concatenate(scores)[keep])
+    result["auc"] = measure.roc_auc(labels, np.concatenate(scores)[keep])
   return result
 
 
