@@ -5,6 +5,10 @@ preparation: MLM masking, image augmentation) and scores the model's outputs. Sc
 per example: `loss` and `correct` are sums over the example's scored units (1 for an
 image or a click, the masked tokens of a sequence) and `weight` counts those units, so
 the mean loss of a batch is `sum(loss) / sum(weight)` whatever the task.
+
+Each task is a `Task` subclass registered under its name (a model's `ModelSpec.task`):
+`ClassificationTask`, `CtrTask`, `MlmTask`. A new task is a new subclass with
+`@register_task`; `make_task` builds one from the data config and the dataset's metadata.
 """
 
 from __future__ import annotations
@@ -13,43 +17,194 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from dsjax.data import augment, text
 from dsjax.errors import ConfigError
 
 Batch = Mapping[str, jax.Array]
-TASKS = ("classification", "mlm", "ctr")
 # An evaluation batch's position of each example in its split (`dsjax.train.evaluate`):
 # random evaluation inputs (MLM masks) are drawn per example from it.
 EXAMPLE_INDEX = "example_index"
 
+_REGISTRY: dict[str, type[Task]] = {}
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """How one kind of model is trained and evaluated.
+  """How one kind of model is trained and evaluated: the base of the registered tasks.
+
+  `Task(name, **fields)` builds the task registered under `name`: `Task("classification")`
+  is a `ClassificationTask()`, `Task("mlm", mask_id=4)` an `MlmTask(mask_id=4)`.
 
   Attributes:
-    name: one of `TASKS`.
-    augment: classification only: random crop + flip of training images.
-    mlm_probability: mlm only: share of tokens masked and predicted.
-    mask_id: mlm only: the [MASK] token id.
-    vocab_size: mlm only: the vocabulary size.
-    special_ids: mlm only: token ids never masked ([PAD], [CLS], [SEP], ...).
-    max_predictions: mlm only: positions per sequence the MLM head scores in training
-      (`data.max_predictions`; see `prediction_slots`); 0: every position.
+    name: the registry name (`known_tasks()`); each subclass fixes its own.
+    input_keys: the batch entries the model reads.
+    target_keys: the batch entries the score reads besides the inputs (a dataset must
+      have both; see `check_dataset`).
   """
 
   name: str
+  input_keys: ClassVar[tuple[str, ...]] = ()
+  target_keys: ClassVar[tuple[str, ...]] = ("label",)
+
+  def __new__(cls, *args: Any, **kwargs: Any) -> Task:
+    if cls is Task:
+      cls = task_class(args[0] if args else kwargs.get("name"))
+    return super().__new__(cls)
+
+  def __post_init__(self) -> None:
+    if _REGISTRY.get(self.name) is not type(self):
+      raise ConfigError(f"{type(self).__name__} is registered as task "
+                        f"{_task_name(type(self))!r}, not {self.name!r}")
+
+  @classmethod
+  def from_data(cls, data_config: Any, metadata: Mapping[str, Any]) -> Task:
+    """The task of a run on this data (see `make_task`); the base needs nothing of it."""
+    del data_config, metadata
+    return cls()
+
+  def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """On-device preparation inside the jitted step (deterministic given `rng`).
+
+    A batch with an `EXAMPLE_INDEX` entry (evaluation) draws each example's randomness
+    from `rng` folded with its index; the entry is dropped. The base passes the rest on.
+    """
+    del rng, train
+    batch = dict(batch)
+    batch.pop(EXAMPLE_INDEX, None)
+    return batch
+
+  def model_args(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments of `model.apply` (besides the variables)."""
+    return tuple(batch[key] for key in self.input_keys), {}
+
+  def score(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Per-example `loss`, `correct` and `weight` sums (and `score` for ctr), float32."""
+    raise NotImplementedError(f"task {self.name!r} does not score its outputs")
+
+  def example_batch(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """One example of a split, for shape inference at init."""
+    return {key: arrays[key][:1] for key in self.input_keys}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+  """Class decorator: registers a `Task` subclass under its `name` field's default."""
+  name = _task_name(cls)
+  if name in _REGISTRY:
+    raise ValueError(f"task {name!r} is registered twice")
+  _REGISTRY[name] = cls
+  return cls
+
+
+def _task_name(cls: type[Task]) -> str:
+  return next(field.default for field in dataclasses.fields(cls) if field.name == "name")
+
+
+def known_tasks() -> list[str]:
+  """The registered task names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def task_class(name: str) -> type[Task]:
+  """The registered `Task` subclass of a name.
+
+  Raises:
+    ConfigError: the name is not registered; the message lists the known ones.
+  """
+  if name not in _REGISTRY:
+    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}")
+  return _REGISTRY[name]
+
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask(Task):
+  """Images to class logits, scored by softmax cross-entropy and top-1 accuracy.
+
+  Attributes:
+    augment: random crop + flip of training images (`dsjax.data.augment`).
+  """
+
+  name: str = "classification"
   augment: bool = False
+  input_keys: ClassVar[tuple[str, ...]] = ("image",)
+
+  @classmethod
+  def from_data(cls, data_config: Any, metadata: Mapping[str, Any]) -> Task:
+    del metadata
+    return cls(augment=bool(data_config.augment))
+
+  def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    batch = super().prepare(batch, rng, train=train)
+    if self.augment and train:
+      batch["image"] = augment.random_crop_flip(rng, batch["image"])
+    return batch
+
+  def score(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    outputs = outputs.astype(jnp.float32)
+    labels = batch["label"]
+    return {"loss": optax.softmax_cross_entropy_with_integer_labels(outputs, labels),
+            "correct": (jnp.argmax(outputs, -1) == labels).astype(jnp.float32),
+            "weight": jnp.ones(labels.shape, jnp.float32)}
+
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class CtrTask(Task):
+  """Click prediction: one logit per example, scored by sigmoid cross-entropy; `score`
+  (the click probability) feeds the evaluation's ROC AUC."""
+
+  name: str = "ctr"
+  input_keys: ClassVar[tuple[str, ...]] = ("dense", "sparse")
+
+  def score(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    outputs = outputs.astype(jnp.float32)
+    labels = batch["label"].astype(jnp.float32)
+    return {"loss": optax.sigmoid_binary_cross_entropy(outputs, labels),
+            "correct": ((outputs > 0) == (labels > 0.5)).astype(jnp.float32),
+            "weight": jnp.ones(labels.shape, jnp.float32),
+            "score": jax.nn.sigmoid(outputs)}
+
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class MlmTask(Task):
+  """Masked-language modelling: tokens masked on device, the masked ones predicted.
+
+  Attributes:
+    mlm_probability: share of tokens masked and predicted.
+    mask_id: the [MASK] token id.
+    vocab_size: the vocabulary size.
+    special_ids: token ids never masked ([PAD], [CLS], [SEP], ...).
+    max_predictions: positions per sequence the MLM head scores in training
+      (`data.max_predictions`; see `prediction_slots`); 0: every position.
+  """
+
+  name: str = "mlm"
   mlm_probability: float = 0.15
   mask_id: int = 0
   vocab_size: int = 0
   special_ids: tuple[int, ...] = ()
   max_predictions: int = -1
+  input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+  target_keys: ClassVar[tuple[str, ...]] = ()  # The labels are the masked tokens.
+
+  @classmethod
+  def from_data(cls, data_config: Any, metadata: Mapping[str, Any]) -> Task:
+    missing = [key for key in ("mask_id", "vocab_size", "special_ids") if key not in metadata]
+    if missing:
+      raise ConfigError(f"dataset {data_config.name!r} has no token metadata "
+                        f"({', '.join(missing)}); masked-LM models train on "
+                        "--config.data.name=text")
+    return cls(mlm_probability=float(data_config.mlm_probability),
+               mask_id=int(metadata["mask_id"]), vocab_size=int(metadata["vocab_size"]),
+               special_ids=tuple(int(i) for i in metadata["special_ids"]),
+               max_predictions=int(data_config.get("max_predictions", -1)))
 
   def prediction_slots(self, length: int) -> int:
     """How many positions of a `length`-token sequence the MLM head scores in training.
@@ -67,54 +222,38 @@ class Task:
       slots = math.ceil(mean + 4.0 * math.sqrt(mean * (1.0 - self.mlm_probability)))
     return slots if slots < length else 0
 
-  @property
-  def input_keys(self) -> tuple[str, ...]:
-    """The batch entries the model reads (the rest are targets)."""
-    return {"classification": ("image",), "ctr": ("dense", "sparse"),
-            "mlm": ("input_ids", "attention_mask", "token_type_ids")}[self.name]
-
   def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    """On-device preparation inside the jitted step (deterministic given `rng`).
+    """Masks the tokens (`dsjax.data.text.mask_tokens`), per example in evaluation.
 
-    A batch with an `EXAMPLE_INDEX` entry (evaluation) draws each example's randomness
-    (its MLM mask) from `rng` folded with its index, so an example is corrupted the same
-    way whatever the batch size, mesh or pipeline that evaluates it.
+    An evaluation batch (one with `EXAMPLE_INDEX`) masks each sequence from `rng` folded
+    with its index, so an example is corrupted the same way whatever the batch size, mesh
+    or pipeline that evaluates it.
 
-    MLM training batches (`train`, `prediction_slots(length) > 0`) also get
-    `mlm_positions` [batch, slots]: the masked positions, which the model gathers before
-    its vocabulary projection (as NVIDIA's BERT does), and `mlm_labels` / `mlm_weights`
-    for those slots (padded slots weigh 0). A sequence that masked more tokens than there
-    are slots keeps its first `slots` and gets the others back unmasked, so the loss is
-    the full head's on the batch the model sees. Evaluation scores every position.
+    Training batches (`train`, `prediction_slots(length) > 0`) also get `mlm_positions`
+    [batch, slots]: the masked positions, which the model gathers before its vocabulary
+    projection (as NVIDIA's BERT does), and `mlm_labels` / `mlm_weights` for those slots
+    (padded slots weigh 0). A sequence that masked more tokens than there are slots keeps
+    its first `slots` and gets the others back unmasked, so the loss is the full head's
+    on the batch the model sees. Evaluation scores every position.
     """
-    batch = dict(batch)
-    index = batch.pop(EXAMPLE_INDEX, None)
-    if self.name == "classification" and self.augment and train:
-      from dsjax.data import augment  # noqa: PLC0415 - only image runs need it.
-      batch["image"] = augment.random_crop_flip(rng, batch["image"])
-    elif self.name == "mlm":
-      from dsjax.data import text  # noqa: PLC0415 - only token runs need it.
-      mask = functools.partial(
-          text.mask_tokens, mlm_probability=self.mlm_probability, mask_id=self.mask_id,
-          vocab_size=self.vocab_size, special_ids=self.special_ids)
-      if index is not None:
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, index)
-        mask = jax.vmap(mask)
-      else:
-        keys = rng
-      batch["input_ids"], batch["mlm_labels"], batch["mlm_weights"] = mask(
-          keys, batch["input_ids"], batch["attention_mask"])
-      slots = self.prediction_slots(batch["input_ids"].shape[-1]) if train else 0
-      if slots and index is None:
-        batch.update(_gather_predictions(batch, slots))
+    index = batch.get(EXAMPLE_INDEX)
+    batch = super().prepare(batch, rng, train=train)
+    mask = functools.partial(
+        text.mask_tokens, mlm_probability=self.mlm_probability, mask_id=self.mask_id,
+        vocab_size=self.vocab_size, special_ids=self.special_ids)
+    if index is not None:
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, index)
+      mask = jax.vmap(mask)
+    else:
+      keys = rng
+    batch["input_ids"], batch["mlm_labels"], batch["mlm_weights"] = mask(
+        keys, batch["input_ids"], batch["attention_mask"])
+    slots = self.prediction_slots(batch["input_ids"].shape[-1]) if train else 0
+    if slots and index is None:
+      batch.update(_gather_predictions(batch, slots))
     return batch
 
   def model_args(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword arguments of `model.apply` (besides the variables)."""
-    if self.name == "classification":
-      return (batch["image"],), {}
-    if self.name == "ctr":
-      return (batch["dense"], batch["sparse"]), {}
     kwargs = {"attention_mask": batch["attention_mask"],
               "token_type_ids": batch["token_type_ids"]}
     if "mlm_positions" in batch:  # Training: the head scores the masked positions only.
@@ -122,29 +261,13 @@ class Task:
     return (batch["input_ids"],), kwargs
 
   def score(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    """Per-example `loss`, `correct` and `weight` sums (and `score` for ctr), float32."""
     outputs = outputs.astype(jnp.float32)
-    if self.name == "classification":
-      labels = batch["label"]
-      return {"loss": optax.softmax_cross_entropy_with_integer_labels(outputs, labels),
-              "correct": (jnp.argmax(outputs, -1) == labels).astype(jnp.float32),
-              "weight": jnp.ones(labels.shape, jnp.float32)}
-    if self.name == "ctr":
-      labels = batch["label"].astype(jnp.float32)
-      return {"loss": optax.sigmoid_binary_cross_entropy(outputs, labels),
-              "correct": ((outputs > 0) == (labels > 0.5)).astype(jnp.float32),
-              "weight": jnp.ones(labels.shape, jnp.float32),
-              "score": jax.nn.sigmoid(outputs)}
     weights = batch["mlm_weights"]
     token_loss = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["mlm_labels"])
     token_correct = (first_argmax(outputs) == batch["mlm_labels"]).astype(jnp.float32)
     return {"loss": jnp.sum(token_loss * weights, -1),
             "correct": jnp.sum(token_correct * weights, -1),
             "weight": jnp.sum(weights, -1)}
-
-  def example_batch(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
-    """One example of a split, for shape inference at init."""
-    return {key: arrays[key][:1] for key in self.input_keys}
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:
@@ -182,7 +305,7 @@ def make_task(name: str, data_config: Any, metadata: Mapping[str, Any]) -> Task:
   """Builds the task a model declares, from the data config and the dataset's metadata.
 
   Args:
-    name: the model's task (`ModelSpec.task`).
+    name: the model's task (`ModelSpec.task`), a registered name (`known_tasks()`).
     data_config: the `data` config section.
     metadata: `Dataset.metadata`.
 
@@ -192,28 +315,13 @@ def make_task(name: str, data_config: Any, metadata: Mapping[str, Any]) -> Task:
   Raises:
     ConfigError: an unknown task, or a dataset that lacks what the task needs.
   """
-  if name not in TASKS:
-    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-  if name == "classification":
-    return Task(name, augment=bool(data_config.augment))
-  if name == "mlm":
-    missing = [key for key in ("mask_id", "vocab_size", "special_ids") if key not in metadata]
-    if missing:
-      raise ConfigError(f"dataset {data_config.name!r} has no token metadata "
-                        f"({', '.join(missing)}); masked-LM models train on "
-                        "--config.data.name=text")
-    return Task(name, mlm_probability=float(data_config.mlm_probability),
-                mask_id=int(metadata["mask_id"]), vocab_size=int(metadata["vocab_size"]),
-                special_ids=tuple(int(i) for i in metadata["special_ids"]),
-                max_predictions=int(data_config.get("max_predictions", -1)))
-  return Task(name)
+  return task_class(name).from_data(data_config, metadata)
 
 
 def check_dataset(task: Task, splits: Mapping[str, Mapping[str, Any]], model: str,
                   dataset: str) -> None:
   """Raises ConfigError when the dataset does not provide what the model's task reads."""
-  needed = set(task.input_keys) | ({"label"} if task.name != "mlm" else set())
-  missing = sorted(needed - set(splits["train"]))
+  missing = sorted(set(task.input_keys + task.target_keys) - set(splits["train"]))
   if missing:
     raise ConfigError(f"model {model} ({task.name}) cannot train on dataset {dataset!r}: it "
                       f"has no {', '.join(missing)}; pick a dataset with "
