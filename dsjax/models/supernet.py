@@ -10,12 +10,13 @@ never in `params`, so the weight optimizer cannot see them:
   logits = model.apply(variables, images, train=True, temperature=t,
                        rngs={"gumbel": key})   # Gumbel relaxations need the key
 
-Given an `architecture` (one `BlockChoice` per block, see `choices_from_dict`), the same
-class builds only the chosen ops at the chosen widths and has no `arch` collection, so a
-retrained network holds exactly the derived parameters. Blocks are named `block_{i}` and
-ops by candidate (`block_0/conv_3x3/conv/kernel`) in both forms. With `batch_norm`, the
-supernet's BatchNorms are affine-free (no scale or bias, DARTS' `affine=False`) and the
-derived network's learn a scale and bias.
+Given an `architecture` (one `BlockChoice` per block, see
+`dsjax.nas.derivation.choices_from_dict`), the same class builds only the chosen ops at
+the chosen widths and has no `arch` collection, so a retrained network holds exactly the
+derived parameters. Blocks are named `block_{i}` and ops (`dsjax.nas.ops.Op`, each
+declared there with its cost) by candidate (`block_0/conv_3x3/conv/kernel`) in both forms.
+With `batch_norm`, the supernet's BatchNorms are affine-free (no scale or bias, DARTS'
+`affine=False`) and the derived network's learn a scale and bias.
 """
 
 from __future__ import annotations
@@ -34,98 +35,12 @@ from dsjax.errors import ConfigError
 from dsjax.models import registry
 from dsjax.nas import relaxation as relax_lib
 from dsjax.nas import space as space_lib
-from dsjax.nas.space import SearchSpace
+from dsjax.nas.derivation import choices_from_dict, load_architecture
+from dsjax.nas.ops import Op, fit_channels
+from dsjax.nas.space import BlockChoice, SearchSpace
 
 ARCH = "arch"
 GUMBEL_RNG = "gumbel"
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockChoice:
-  """The derived choice for one block position.
-
-  Attributes:
-    op: candidate name, e.g. "conv_3x3", "sep_conv_5x5", "identity", "zero".
-    channels: output width.
-    kept: False for a skipped optional block (then op and channels are ignored).
-  """
-
-  op: str
-  channels: int
-  kept: bool = True
-
-
-def choices_from_dict(architecture: Mapping[str, Any]) -> tuple[BlockChoice, ...]:
-  """Turns an architecture dict (`dsjax.nas.derivation`) into the supernet's `architecture`.
-
-  Args:
-    architecture: {"blocks": [{"op", "kernel_size", "channels", "kept"}, ...]}, already
-      validated (`dsjax.nas.validate_architecture`).
-
-  Returns:
-    One BlockChoice per block position, hashable so the module stays a valid jit static.
-  """
-  return tuple(
-      BlockChoice(space_lib.candidate_name(b["op"], b.get("kernel_size")), int(b["channels"]),
-                  bool(b.get("kept", True)))
-      for b in architecture["blocks"])
-
-
-def fit_channels(x: jax.Array, width: int) -> jax.Array:
-  """Zero-pads or truncates the channel (last) axis of `x` to `width`."""
-  have = x.shape[-1]
-  if have >= width:
-    return x[..., :width]
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - have)])
-
-
-class Op(nn.Module):
-  """One candidate op producing `features` channels; convolutions end in a ReLU.
-
-  Attributes:
-    candidate: candidate name (see `dsjax.nas.space`).
-    features: output channels.
-    stride: spatial stride (identity requires 1).
-    activation: "relu", "silu" or "gelu", applied after convolutions.
-    compute_dtype: compute dtype; parameters stay float32.
-    plan: per-layer precision plan, or None.
-    batch_norm: BatchNorm between the convolution and the activation; the convolution
-      then has no bias (BatchNorm's own bias would cancel it).
-    affine: the BatchNorm learns a per-channel scale and bias (the derived network);
-      False normalises only, as DARTS' search ops do (`affine=False`).
-  """
-
-  candidate: str
-  features: int
-  stride: int = 1
-  activation: str = "relu"
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  batch_norm: bool = False
-  affine: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
-    family, k = space_lib.op_family(self.candidate), space_lib.op_kernel(self.candidate)
-    dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
-    if family == "zero":
-      height, width = (-(-d // self.stride) for d in x.shape[1:3])
-      return jnp.zeros((x.shape[0], height, width, self.features), dtype)
-    if family == "identity":
-      return fit_channels(x, self.features).astype(dtype)
-    if family == "conv":
-      y = dsnn.Conv(self.features, (k, k), strides=self.stride, use_bias=not self.batch_norm,
-                    name="conv", **precision)(x)
-    else:  # sep_conv: depthwise k x k, then pointwise 1 x 1.
-      y = dsnn.Conv(x.shape[-1], (k, k), strides=self.stride, use_bias=False,
-                    feature_group_count=x.shape[-1], name="depthwise", **precision)(x)
-      y = dsnn.Conv(self.features, (1, 1), use_bias=not self.batch_norm, name="pointwise",
-                    **precision)(y)
-    if self.batch_norm:
-      y = dsnn.BatchNorm(use_scale=self.affine, use_bias=self.affine, param_axis="conv_out",
-                         name="bn", **precision)(y, use_running_average=not train)
-    return getattr(nn, self.activation)(y)
 
 
 class SearchBlock(nn.Module):
@@ -289,8 +204,6 @@ def build_supernet(model_config: Any, num_classes: int, compute_dtype: Any,
   Raises:
     ConfigError: an invalid search space or architecture file.
   """
-  from dsjax.nas.derivation import load_architecture  # Deferred: dsjax.nas imports no models.
-
   space = space_lib.from_config(model_config["backbone"])
   path = model_config.get("architecture") or ""
   architecture = choices_from_dict(load_architecture(path, space)) if path else None
@@ -301,8 +214,6 @@ def build_supernet(model_config: Any, num_classes: int, compute_dtype: Any,
 
 def check_config(model_config: Any) -> list[str]:
   """The registry `check` function: problems of the backbone, relaxation and architecture."""
-  from dsjax.nas.derivation import load_architecture  # Deferred: dsjax.nas imports no models.
-
   problems = []
   if model_config.get("relaxation") not in relax_lib.RELAXATIONS:
     problems.append(f"relaxation must be one of {relax_lib.RELAXATIONS}, "

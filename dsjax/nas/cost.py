@@ -1,9 +1,10 @@
 """Cost model: expected FLOPs/params of the relaxed supernet, exact ones of a derived net.
 
-One set of per-op formulas serves both, so the expectation the search optimises and the
-number `derive` reports agree. FLOPs are 2 x multiply-accumulates of convolutions and
-dense layers (bias adds, ReLUs and pooling are not counted); params count every scalar,
-biases included, so `exact_cost(...)["params"]` equals the derived model's parameter tree.
+One set of per-op formulas (each op's own, declared with it in `dsjax.nas.ops`) serves
+both, so the expectation the search optimises and the number `derive` reports agree.
+FLOPs are 2 x multiply-accumulates of convolutions and dense layers (bias adds, ReLUs and
+pooling are not counted); params count every scalar, biases included, so
+`exact_cost(...)["params"]` equals the derived model's parameter tree.
 With batch_norm the convolutions have no bias (BatchNorm's scale and bias take its place);
 the counts are the derived network's, whose BatchNorms learn a scale and bias, even though
 the supernet's are affine-free during the search.
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.nas import ops as ops_lib
 from dsjax.nas import relaxation as relax_lib
 from dsjax.nas import space as space_lib
 from dsjax.nas.space import SearchSpace
@@ -38,6 +40,8 @@ def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int,
             batch_norm: bool = False) -> tuple[Any, Any]:
   """Returns (flops, params) of one op; works on Python numbers and traced arrays alike.
 
+  The formulas are the op's own (`dsjax.nas.ops.OpSpec.flops` and `.params`).
+
   Args:
     candidate: candidate name, e.g. "sep_conv_3x3".
     c_in: input channels (or their expectation).
@@ -48,16 +52,12 @@ def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int,
 
   Returns:
     FLOPs (2 x MACs) and parameter count.
+
+  Raises:
+    ConfigError: the candidate's op is not registered.
   """
-  family, k = space_lib.op_family(candidate), space_lib.op_kernel(candidate)
-  extra = 2 * c_out if batch_norm else c_out  # BatchNorm scale + bias, or the conv bias.
-  if family == "conv":
-    return 2 * out_hw * k * k * c_in * c_out, k * k * c_in * c_out + extra
-  if family == "sep_conv":
-    # Depthwise (no bias) then pointwise (bias unless BatchNorm follows).
-    return (2 * out_hw * (k * k * c_in + c_in * c_out),
-            k * k * c_in + c_in * c_out + extra)
-  return 0 * c_out, 0 * c_out  # identity, zero
+  spec, kernel = ops_lib.get_op(ops_lib.op_family(candidate)), ops_lib.op_kernel(candidate)
+  return spec.flops(kernel, c_in, c_out, out_hw), spec.params(kernel, c_in, c_out, batch_norm)
 
 
 def _stem_and_head(space: SearchSpace, input_shape: Sequence[int], num_classes: int,
@@ -163,7 +163,7 @@ def param_free_probability(arch: Mapping[str, Any], space: SearchSpace) -> jax.A
   for index in range(space.num_blocks):
     probs = relax_lib.probabilities(arch[f"block_{index}"]["op_logits"])
     for i, candidate in enumerate(space.candidates(index)):
-      if space_lib.op_family(candidate) in space_lib.PARAM_FREE:
+      if ops_lib.get_op(ops_lib.op_family(candidate)).param_free:
         total = total + probs[i]
   return total
 
@@ -223,8 +223,6 @@ def measure_latency_table(space: SearchSpace, input_shape: Sequence[int], batch_
   Returns:
     {"block_i/candidate": seconds}, JSON-serialisable.
   """
-  from dsjax.models.supernet import Op  # Deferred: the model zoo imports dsjax.nas.
-
   table, cache = {}, {}
   height, width, channels = input_shape
   c_in = space.stem_channels or channels
@@ -233,7 +231,7 @@ def measure_latency_table(space: SearchSpace, input_shape: Sequence[int], batch_
     for candidate in space.candidates(index):
       key = (candidate, shape, space.stride(index))
       if key not in cache:
-        op = Op(candidate, space.max_channels, space.stride(index), space.activation,
+        op = ops_lib.Op(candidate, space.max_channels, space.stride(index), space.activation,
                 batch_norm=space.batch_norm)
         x = jnp.ones(shape, jnp.float32)
         variables = op.init(jax.random.PRNGKey(0), x)

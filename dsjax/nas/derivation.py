@@ -24,8 +24,8 @@ import numpy as np
 
 from dsjax.errors import ConfigError
 from dsjax.nas import cost as cost_lib
-from dsjax.nas import space as space_lib
-from dsjax.nas.space import SearchSpace
+from dsjax.nas import ops as ops_lib
+from dsjax.nas.space import BlockChoice, SearchSpace
 
 FORMAT = "dsjax-dnas-architecture"
 VERSION = 1
@@ -86,19 +86,16 @@ def derive(arch: Mapping[str, Any], space: SearchSpace, *, input_shape: Sequence
     # max() keeps the first of equal candidates, like argmax.
     op = max(block["ops"], key=block["ops"].get)
     channels = int(max(block["channels"], key=block["channels"].get))
-    blocks.append({"index": index, "op": space_lib.op_family(op),
-                   "kernel_size": space_lib.op_kernel(op), "channels": channels,
+    blocks.append({"index": index, "op": ops_lib.op_family(op),
+                   "kernel_size": ops_lib.op_kernel(op), "channels": channels,
                    "stride": space.stride(index), "kept": block["keep"] >= 0.5})
   return _finish(blocks, space, input_shape, num_classes, probs)
 
 
 def _finish(blocks: list[dict[str, Any]], space: SearchSpace, input_shape: Sequence[int],
             num_classes: int, probs: dict[str, Any] | None) -> dict[str, Any]:
-  from dsjax.models.supernet import BlockChoice  # Deferred: the model zoo imports dsjax.nas.
-
-  choices = [BlockChoice(space_lib.candidate_name(b["op"], b["kernel_size"]), b["channels"],
-                         b["kept"]) for b in blocks]
-  cost = cost_lib.exact_cost(choices, space, input_shape, num_classes)
+  cost = cost_lib.exact_cost(choices_from_dict({"blocks": blocks}), space, input_shape,
+                             num_classes)
   out = {"format": FORMAT, "version": VERSION, "search_space": space.to_dict(),
          "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
          "depth": sum(b["kept"] for b in blocks), "flops": cost["flops"],
@@ -107,6 +104,22 @@ def _finish(blocks: list[dict[str, Any]], space: SearchSpace, input_shape: Seque
     out["probabilities"] = probs
   return out
 
+
+
+def choices_from_dict(architecture: Mapping[str, Any]) -> tuple[BlockChoice, ...]:
+  """Turns an architecture dict into the supernet's `architecture` (one choice per block).
+
+  Args:
+    architecture: {"blocks": [{"op", "kernel_size", "channels", "kept"}, ...]}, already
+      validated (`validate_architecture`).
+
+  Returns:
+    One BlockChoice per block position, hashable so the module stays a valid jit static.
+  """
+  return tuple(
+      BlockChoice(ops_lib.candidate_name(b["op"], b.get("kernel_size")), int(b["channels"]),
+                  bool(b.get("kept", True)))
+      for b in architecture["blocks"])
 
 def validate_architecture(architecture: Any, space: SearchSpace,
                           source: str = "architecture") -> dict[str, Any]:
@@ -153,12 +166,12 @@ def validate_architecture(architecture: Any, space: SearchSpace,
                  f"(depth_range[0]={space.depth_range[0]})")
     op, kernel = block.get("op"), block.get("kernel_size")
     allowed = space.candidates(index)
-    if op not in {space_lib.op_family(c) for c in allowed}:
+    if op not in {ops_lib.op_family(c) for c in allowed}:
       raise fail(f"{where}.op", f"is {op!r}; block {index} allows "
-                 f"{sorted({space_lib.op_family(c) for c in allowed})}")
-    if op in space_lib.PARAM_FREE:
+                 f"{sorted({ops_lib.op_family(c) for c in allowed})}")
+    if not ops_lib.get_op(op).sized:
       kernel = None
-    elif space_lib.candidate_name(op, kernel) not in allowed:
+    elif ops_lib.candidate_name(op, kernel) not in allowed:
       raise fail(f"{where}.kernel_size", f"is {kernel!r}; allowed {list(space.kernel_sizes)}")
     channels = block.get("channels")
     if not isinstance(channels, int) or isinstance(channels, bool) or (

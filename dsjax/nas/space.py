@@ -7,9 +7,10 @@ width among `channel_choices` values from `min_channels` to `max_channels`, and,
 `i >= depth_range[0]`, whether it exists at all. Strides are fixed per block by the
 config; only mandatory blocks may stride, so skipping a block never changes resolution.
 
-Candidate names are "conv_3x3", "sep_conv_5x5", "identity", "zero". Identity is offered
-only in stride-1 blocks; where its input and output widths differ it zero-pads or drops
-trailing channels, which is exactly what the supernet's channel masks compute.
+Candidate names are "conv_3x3", "sep_conv_5x5", "identity", "zero": the op families are
+declared in `dsjax.nas.ops`, each with its module, cost formulas and derived form. Identity
+is offered only in stride-1 blocks; where its input and output widths differ it zero-pads
+or drops trailing channels, which is exactly what the supernet's channel masks compute.
 """
 
 from __future__ import annotations
@@ -22,28 +23,26 @@ from typing import Any
 import numpy as np
 
 from dsjax.errors import ConfigError
+from dsjax.nas import ops as ops_lib
 
-OPS = ("conv", "sep_conv", "identity", "zero")
+OPS = ops_lib.known_ops()  # The built-in ops (conv, sep_conv, identity, zero): the default.
 HEADS = ("pool", "flatten", "none")
 ACTIVATIONS = ("relu", "silu", "gelu")
-PARAM_FREE = ("identity", "zero")
 
 
-def op_family(candidate: str) -> str:
-  """Returns the op family of a candidate name: "conv_3x3" -> "conv"."""
-  return candidate.rsplit("_", 1)[0] if candidate.endswith(tuple("0123456789")) else candidate
+@dataclasses.dataclass(frozen=True)
+class BlockChoice:
+  """The derived choice for one block position.
 
+  Attributes:
+    op: candidate name, e.g. "conv_3x3", "sep_conv_5x5", "identity", "zero".
+    channels: output width.
+    kept: False for a skipped optional block (then op and channels are ignored).
+  """
 
-def op_kernel(candidate: str) -> int | None:
-  """Returns the kernel size of a candidate name ("conv_3x3" -> 3), None for identity/zero."""
-  if op_family(candidate) in PARAM_FREE:
-    return None
-  return int(candidate.rsplit("x", 1)[1])
-
-
-def candidate_name(family: str, kernel_size: int | None) -> str:
-  """Returns the candidate name of an op family and kernel: ("conv", 3) -> "conv_3x3"."""
-  return family if family in PARAM_FREE else f"{family}_{kernel_size}x{kernel_size}"
+  op: str
+  channels: int
+  kept: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ class SearchSpace:
     channel_choices: how many widths, evenly spaced from min to max (rounded).
     depth_range: (min, max) number of blocks; blocks min..max-1 can be skipped.
     kernel_sizes: odd kernel sizes offered to the conv and sep_conv ops.
-    ops: op families offered, a subset of `OPS`.
+    ops: op families offered, registered in `dsjax.nas.ops` (the built-ins: `OPS`).
     stem_channels: width of the 3x3 stem convolution; 0 feeds images to block 0.
     strides: strides of the first len(strides) blocks; the rest stride 1.
     head: "pool" (global average pool, then dense), "flatten" (flatten, then dense) or
@@ -100,9 +99,10 @@ class SearchSpace:
       out.append(f"channel_choices must be >= 1, got {self.channel_choices}")
     if len(self.depth_range) != 2 or not 1 <= self.depth_range[0] <= self.depth_range[1]:
       out.append(f"depth_range must be (min, max) with 1 <= min <= max, got {self.depth_range}")
-    unknown = [op for op in self.ops if op not in OPS]
+    known = ops_lib.known_ops()
+    unknown = [op for op in self.ops if op not in known]
     if unknown or not self.ops:
-      out.append(f"ops must be a non-empty subset of {OPS}, got {self.ops}")
+      out.append(f"ops must be a non-empty subset of {known}, got {self.ops}")
     if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
       out.append(f"kernel_sizes must be odd positive integers, got {self.kernel_sizes}")
     if self.stem_channels < 0:
@@ -121,7 +121,9 @@ class SearchSpace:
     if self.activation not in ACTIVATIONS:
       out.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
     if not out and any(not self.candidates(i) for i in range(self.num_blocks)):
-      out.append(f"ops {self.ops} leave a strided block with no candidate; add conv or sep_conv")
+      strided = [op for op in known if ops_lib.get_op(op).strided]
+      out.append(f"ops {self.ops} leave a strided block with no candidate; add one of "
+                 f"{', '.join(strided)}")
     return out
 
   @property
@@ -145,15 +147,8 @@ class SearchSpace:
 
   def candidates(self, index: int) -> tuple[str, ...]:
     """Returns the candidate op names of block `index`, in arch-logit order."""
-    out: list[str] = []
-    for family in self.ops:
-      if family in ("conv", "sep_conv"):
-        out.extend(candidate_name(family, k) for k in self.kernel_sizes)
-      elif family == "identity" and self.stride(index) == 1:
-        out.append("identity")
-      elif family == "zero":
-        out.append("zero")
-    return tuple(out)
+    return tuple(candidate for family in self.ops for candidate in
+                 ops_lib.get_op(family).candidates(self.kernel_sizes, self.stride(index)))
 
   def to_dict(self) -> dict[str, Any]:
     """Returns a JSON-serialisable form (tuples as lists)."""
