@@ -1,6 +1,6 @@
 """Writes tests/fixtures/bert_tiny_hf/: a tiny random Hugging Face BERT and its logits.
 
-The fixture lets `tests/test_bert.py` check `dsjax.models.bert.from_pretrained` against
+The fixture lets `tests/test_bert_hf.py` check `dsjax.models.bert.from_pretrained` against
 `transformers.BertForMaskedLM` without torch or transformers in the project environment.
 It holds `config.json` + `model.safetensors` (as `save_pretrained` writes them) and
 `reference.npz` with fixed `input_ids`, `attention_mask` (padding in row 1),
