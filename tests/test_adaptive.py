@@ -11,7 +11,7 @@ import pytest
 from dsjax import config as config_lib
 from dsjax import nn as dsnn
 from dsjax.models import registry
-from dsjax.precision import adaptive
+from dsjax.precision import LayerPrecision, PrecisionPlan, adaptive
 from dsjax.train import train_and_evaluate
 
 FP16_MAX = 65504.0
@@ -76,7 +76,7 @@ def test_stats_reduction_and_flops_fraction():
   stats = adaptive.collect_layer_stats(collection)
   assert float(stats["block/fc"]["max_abs"]) == 5.0 and int(stats["block/fc"]["nonfinite"]) == 3
   assert float(stats["block/fc"]["matmul_flops"]) == 20.0
-  plan = dsnn.PrecisionPlan().promote("b")
+  plan = PrecisionPlan().promote("b")
   flops = {"a": 30.0, "b": 10.0}
   assert adaptive.half_matmul_fraction(plan, flops, jnp.float16) == 0.75
   assert adaptive.half_matmul_fraction(plan, flops, jnp.float32) == 0.0
@@ -86,24 +86,24 @@ class Overflowing(nn.Module):
   """A classifier whose middle layer's outputs (~1e5) overflow float16 (max 65504)."""
 
   num_classes: int
-  compute_dtype: object = jnp.float32
-  plan: object = None
+  precision: LayerPrecision = LayerPrecision()
 
   @nn.compact
   def __call__(self, images, *, train=False):
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    layer = {"precision": self.precision}
     x = images.reshape(images.shape[0], -1)
-    x = nn.relu(dsnn.Dense(16, name="embed_in", **precision)(x))
-    x = dsnn.Dense(16, kernel_init=nn.initializers.normal(1e5), name="big", **precision)(x)
-    x = dsnn.LayerNorm(name="norm", **precision)(x)  # Float32 statistics: O(1) again.
-    return dsnn.Dense(self.num_classes, name="head", **precision)(x).astype(jnp.float32)
+    x = nn.relu(dsnn.Dense(16, name="embed_in", **layer)(x))
+    x = dsnn.Dense(16, kernel_init=nn.initializers.normal(1e5), name="big", **layer)(x)
+    x = dsnn.LayerNorm(name="norm", **layer)(x)  # Float32 statistics: O(1) again.
+    return dsnn.Dense(self.num_classes, name="head", **layer)(x).astype(jnp.float32)
 
 
 @pytest.fixture
 def overflow_model(monkeypatch):
   spec = registry.ModelSpec(
       name="test-overflow", dataset="digits", config_file="", defaults={},
-      build=lambda cfg, num_classes, dtype, plan=None: Overflowing(num_classes, dtype, plan))
+      build=lambda cfg, num_classes, dtype, plan=None: Overflowing(
+          num_classes, LayerPrecision(dtype, plan)))
   monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
   return spec.name
 

@@ -16,6 +16,7 @@ import pytest
 from dsjax import config as config_lib
 from dsjax.errors import ConfigError
 from dsjax.models import bert, registry
+from dsjax.precision import LayerPrecision
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "bert_tiny_hf"  # scripts/make_bert_fixture.py
@@ -64,7 +65,7 @@ def test_logits_shape_and_dtype_with_default_mask_and_types(bert_tiny):
 
 def test_bfloat16_compute_gives_finite_float32_logits_close_to_float32(bert_tiny):
   module, variables, ids, full = bert_tiny
-  half = jax.jit(module.clone(compute_dtype=jnp.bfloat16).apply)(variables, ids)
+  half = jax.jit(module.clone(precision=LayerPrecision(jnp.bfloat16)).apply)(variables, ids)
   assert half.dtype == jnp.float32 and np.isfinite(half).all()
   # bfloat16 keeps 8 significant bits (~0.4% per rounding), rounded a few times per layer.
   np.testing.assert_allclose(half, full, atol=0.05 * np.abs(full).max(), rtol=0)
@@ -161,7 +162,7 @@ def test_fused_attention_keeps_parameters_and_logits(dtype):
   call on a GPU) against the explicit path, with padded rows: the same parameters, and
   logits equal to float32 rounding (rtol 1e-5) or to a few bfloat16 roundings of the
   O(1) logits (atol 0.05: u = 2^-8, ten-odd roundings per layer, two layers)."""
-  module, ids = _tiny(dropout_rate=0.0, compute_dtype=dtype), _ids((2, 6), 64)
+  module, ids = _tiny(dropout_rate=0.0, precision=LayerPrecision(dtype)), _ids((2, 6), 64)
   mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], jnp.int32)
   variables = _random_variables(module, ids)
   fused = module.clone(attention_impl="jax", attention_dropout_rate=0.0)

@@ -34,9 +34,6 @@ LAYERS = (
 # names. An entry that no longer exists fails `test_known_violations_still_exist`: delete
 # it, so the list only shrinks.
 KNOWN_VIOLATIONS = {
-    # The adaptive controller reads PrecisionPlan from nn/plan.py: removed when the plan
-    # moves to precision/plan.py (issue 17 part 4).
-    ("dsjax.precision.adaptive", "dsjax.nn.plan"),
     # removed when the search runs in the trainer (issue 17 part 1)
     ("dsjax.nas.run", "dsjax.config"),
     ("dsjax.nas.run", "dsjax.models"),

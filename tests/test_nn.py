@@ -1,4 +1,4 @@
-"""Tests of dsjax.nn: precision plans, policy-aware layers and the half-residual remat policy.
+"""Tests of dsjax.nn: precision-aware layers, plans by layer path, the half-residual remat policy.
 
 References are plain numpy in float64 on the same parameters. Half-precision tolerances
 use the unit roundoff u (half the gap between 1 and the next number): bfloat16 keeps 8
@@ -8,10 +8,8 @@ significant bits, u = 2^-8 ≈ 3.9e-3; float16 keeps 11, u = 2^-11 ≈ 4.9e-4.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import io
-import json
 
 import flax.linen as nn
 import jax
@@ -27,11 +25,11 @@ from dsjax.nn import (
     Embed,
     LayerNorm,
     MultiHeadAttention,
-    PrecisionPlan,
     attend,
     remat,
     save_half_residuals,
 )
+from dsjax.precision import LayerPrecision, PrecisionPlan
 
 UNIT_ROUNDOFF = {jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}
 HALF = [jnp.bfloat16, jnp.float16]
@@ -76,63 +74,6 @@ def _rand(shape, seed=0, scale=1.0):
   return jnp.asarray(np.random.default_rng(seed).normal(0.0, scale, shape), jnp.float32)
 
 
-# ---------------------------------------------------------------- PrecisionPlan
-
-
-def test_plan_choices_and_immutability():
-  plan = PrecisionPlan()
-  assert plan.choice("a/b") == "half" and plan.promoted() == ()
-  promoted = plan.promote("enc/layer_1/attention").promote("enc/layer_0/mlp")
-  assert plan.promoted() == ()  # unchanged
-  assert promoted.promoted() == ("enc/layer_0/mlp", "enc/layer_1/attention")
-  assert promoted.choice("enc/layer_0/mlp") == "fp32"
-  assert promoted.choice("enc/layer_0/mlp/fc") == "half"  # exact paths, no inheritance
-  demoted = promoted.demote("enc/layer_0/mlp")
-  assert demoted.promoted() == ("enc/layer_1/attention",)
-  assert demoted.choice("enc/layer_0/mlp") == "half"
-  assert PrecisionPlan(default="fp32").choice("anything") == "fp32"
-
-
-def test_plan_hash_equality_and_validation():
-  a = PrecisionPlan((("x", "fp32"), ("y", "half")))
-  b = PrecisionPlan().demote("y").promote("x")
-  assert a == b and hash(a) == hash(b) and len({a, b}) == 1
-  assert a != a.demote("x")
-  with pytest.raises(ValueError, match="precision choice"):
-    PrecisionPlan((("x", "bf16"),))
-  with pytest.raises(ValueError, match="precision choice"):
-    PrecisionPlan(default="float32")
-  with pytest.raises(ValueError, match="precision choice"):
-    PrecisionPlan.from_dict({"layers": {"x": "FP32"}})
-  with pytest.raises(dataclasses.FrozenInstanceError):
-    a.default = "fp32"
-
-
-def test_plan_dict_round_trip_through_json():
-  plan = PrecisionPlan().promote("a/b").demote("c").promote("d")
-  data = json.loads(json.dumps(plan.to_dict()))
-  assert data == {"default": "half", "layers": {"a/b": "fp32", "c": "half", "d": "fp32"}}
-  assert PrecisionPlan.from_dict(data) == plan
-  assert PrecisionPlan.from_dict({}) == PrecisionPlan()
-
-
-def test_plan_as_static_field_shares_the_jit_cache():
-  @functools.partial(jax.jit, static_argnums=0)
-  def run(model, variables, x):
-    return model.apply(variables, x)
-
-  x = _rand((2, 3))
-  first = Dense(4, compute_dtype=jnp.bfloat16, plan=PrecisionPlan().promote(""))
-  second = Dense(4, compute_dtype=jnp.bfloat16, plan=PrecisionPlan((("", "fp32"),)))
-  variables, _ = _init(first, x)
-  assert run(first, variables, x).dtype == jnp.float32
-  assert run(second, variables, x).dtype == jnp.float32
-  assert run._cache_size() == 1
-  assert run(Dense(4, compute_dtype=jnp.bfloat16, plan=PrecisionPlan()), variables,
-             x).dtype == jnp.bfloat16
-  assert run._cache_size() == 2
-
-
 # ---------------------------------------------------------------- Dense
 
 
@@ -165,7 +106,7 @@ def test_dense_float32_matches_numpy(features):
 @pytest.mark.parametrize("dtype", HALF)
 def test_dense_half_matches_numpy(dtype):
   x = _rand((8, 32))
-  layer = Dense(16, compute_dtype=dtype)
+  layer = Dense(16, precision=LayerPrecision(dtype))
   variables, p = _init(layer, x)
   out = layer.apply(variables, x)
   assert out.dtype == dtype and variables["params"]["kernel"].value.dtype == jnp.float32
@@ -173,8 +114,7 @@ def test_dense_half_matches_numpy(dtype):
   # x and kernel rounded once each, the output once: three roundings.
   _assert_half_close(out, ref, np.abs(_f64(x)) @ np.abs(p["kernel"]) + np.abs(p["bias"]),
                      dtype, roundings=3)
-  promoted = Dense(16, compute_dtype=dtype,
-                   plan=PROMOTE_ROOT).apply(variables, x)
+  promoted = Dense(16, precision=LayerPrecision(dtype, PROMOTE_ROOT)).apply(variables, x)
   assert promoted.dtype == jnp.float32
   np.testing.assert_allclose(promoted, ref, rtol=1e-5, atol=1e-5)
 
@@ -221,7 +161,7 @@ CONV_CASES = [  # (features, kernel, stride, padding, groups)
 def test_conv_matches_numpy(dtype, features, kernel, stride, padding, groups):
   x = _rand((2, 7, 8, 4))
   layer = Conv(features, kernel, strides=stride, padding=padding, feature_group_count=groups,
-               compute_dtype=dtype)
+               precision=LayerPrecision(dtype))
   variables, p = _init(layer, x)
   out = layer.apply(variables, x)
   ref = _np_conv(_f64(x), p["kernel"], stride, padding, groups) + p["bias"]
@@ -240,7 +180,7 @@ def test_conv_matches_numpy(dtype, features, kernel, stride, padding, groups):
 @pytest.mark.parametrize("dtype", [jnp.float32, *HALF])
 def test_embed_lookup_and_attend(dtype):
   ids = jnp.array([[0, 3, 9], [2, 2, 5]])
-  layer = Embed(10, 6, compute_dtype=dtype)
+  layer = Embed(10, 6, precision=LayerPrecision(dtype))
   variables, p = _init(layer, ids)
   table = p["embedding"]
   out = layer.apply(variables, ids)
@@ -276,7 +216,7 @@ def _layer_norm_variables(features, seed=2):
 def test_layer_norm_matches_numpy(dtype):
   x = _rand((4, 5, 16), scale=3.0) + 1.0
   variables = _layer_norm_variables(16)
-  out = LayerNorm(compute_dtype=dtype).apply(variables, x)
+  out = LayerNorm(precision=LayerPrecision(dtype)).apply(variables, x)
   ref = _np_layer_norm(_f64(x), _f64(variables["params"]["scale"]),
                        _f64(variables["params"]["bias"]))
   assert out.dtype == dtype
@@ -296,11 +236,11 @@ def test_layer_norm_statistics_are_float32_even_when_fp16_would_overflow():
   variables = _layer_norm_variables(64)
   ref = _np_layer_norm(_f64(x), _f64(variables["params"]["scale"]),
                        _f64(variables["params"]["bias"]))
-  out = LayerNorm(compute_dtype=jnp.float16).apply(variables, x)
+  out = LayerNorm(precision=LayerPrecision(jnp.float16)).apply(variables, x)
   assert out.dtype == jnp.float16 and np.isfinite(np.asarray(out, np.float32)).all()
   _assert_half_close(out, ref, np.abs(ref), jnp.float16, roundings=1)
   # Promoted, the output stays float32 as well: float32-tight.
-  out32 = LayerNorm(compute_dtype=jnp.float16, plan=PROMOTE_ROOT).apply(variables, x)
+  out32 = LayerNorm(precision=LayerPrecision(jnp.float16, PROMOTE_ROOT)).apply(variables, x)
   assert out32.dtype == jnp.float32
   np.testing.assert_allclose(out32, ref, rtol=1e-5, atol=1e-5)
 
@@ -341,7 +281,7 @@ def _mha_inputs(kind):
 @pytest.mark.parametrize("kind", ["cross", "causal_bool", "additive"])
 def test_attention_matches_numpy(dtype, kind, impl):
   xq, xkv, mask = _mha_inputs(kind)
-  layer = MultiHeadAttention(num_heads=2, head_dim=4, compute_dtype=dtype, impl=impl)
+  layer = MultiHeadAttention(num_heads=2, head_dim=4, precision=LayerPrecision(dtype), impl=impl)
   if impl == "jax" and dtype == jnp.float16 and jax.default_backend() == "cpu":
     with pytest.raises(ConfigError, match="cannot compute float16 on CPU"):
       _init(layer, xq, xkv, mask)
@@ -376,7 +316,7 @@ def test_attention_softmax_runs_in_float32():
   # large, so the logits are large (hundreds) and equal whatever the key.
   num_keys = 70000
   xq, xkv = _rand((1, 2, 8), seed=1), _rand((1, num_keys, 8), seed=2)
-  layer = MultiHeadAttention(num_heads=1, head_dim=8, compute_dtype=jnp.float16)
+  layer = MultiHeadAttention(num_heads=1, head_dim=8, precision=LayerPrecision(jnp.float16))
   variables, p = _init(layer, xq, xkv)
   params = nn.unbox(variables["params"])
   params["key"] = {"kernel": jnp.zeros_like(params["key"]["kernel"]),
@@ -408,11 +348,11 @@ def test_promoted_attention_keeps_logits_float32():
   # infinite in float16. Integer inputs keep every projection exact in float16.
   x = jnp.asarray(200.0 + np.random.default_rng(0).integers(-2, 3, (1, 3, 4)), jnp.float16)
   params = _identity_attention_params(4)
-  half = MultiHeadAttention(num_heads=1, head_dim=4, compute_dtype=jnp.float16)
+  half = MultiHeadAttention(num_heads=1, head_dim=4, precision=LayerPrecision(jnp.float16))
   out, stats = _apply(half, {"params": params}, x, mutable=["precision_stats"])
   assert not np.isfinite(np.asarray(out, np.float32)).all()
   assert stats["precision_stats"]["nonfinite"][0] > 0
-  promoted = half.clone(plan=PROMOTE_ROOT)
+  promoted = half.clone(precision=half.precision.replace(plan=PROMOTE_ROOT))
   out = _apply(promoted, {"params": params}, x)
   assert out.dtype == jnp.float16  # the "out" projection is still half
   ref = _np_mha(jax.tree.map(_f64, params), _f64(x), _f64(x), None, head_dim=4)
@@ -546,7 +486,7 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, ids, image):
-    kw = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    kw = {"precision": LayerPrecision(self.compute_dtype, self.plan)}
     out = {"embed": Embed(11, 8, name="embed", **kw)(ids)}
     out["ln"] = LayerNorm(name="ln", **kw)(out["embed"])
     out["attn"] = MultiHeadAttention(2, 4, name="attn", **kw)(out["ln"])
@@ -620,9 +560,9 @@ def test_precision_stats_only_when_mutable():
 class _MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
-    h = nn.gelu(Dense(32, compute_dtype=jnp.bfloat16, name="fc1")(x))
-    h = LayerNorm(compute_dtype=jnp.bfloat16, name="ln")(h)
-    return Dense(8, compute_dtype=jnp.bfloat16, name="fc2")(h)
+    h = nn.gelu(Dense(32, precision=LayerPrecision(jnp.bfloat16), name="fc1")(x))
+    h = LayerNorm(precision=LayerPrecision(jnp.bfloat16), name="ln")(h)
+    return Dense(8, precision=LayerPrecision(jnp.bfloat16), name="fc2")(h)
 
 
 class _Net(nn.Module):

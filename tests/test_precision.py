@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -104,6 +105,26 @@ def test_mixed_defaults_to_backend_and_compute_dtype_unchanged():
   assert precision.compute_dtype("mixed", "cpu") == BF16
   with pytest.raises(ValueError, match="unknown precision 'fp8'"):
     precision.compute_dtype("fp8")
+
+
+def test_presets_say_what_they_turn_on_not_their_names():
+  assert precision.PRESETS == ("fp32", "bf16", "fp16", "mixed")
+  assert [precision.get_preset(name).adaptive for name in precision.PRESETS] == [
+      False, False, False, True]
+  assert precision.get_preset("p=f32,c=bf16,o=f32") is None
+  mixed = precision.get_preset("mixed")
+  assert mixed.policy_on("gpu") == get_policy("mixed", "gpu") == parse_policy("c=f16")
+  assert mixed.policy_on("cpu") == parse_policy("c=bf16")
+
+
+@pytest.mark.parametrize("policy, adaptive, enabled", [
+    ("mixed", None, True), ("bf16", None, False), ("fp16", None, False),
+    ("c=bf16", None, False), ("fp16", True, True), ("mixed", False, False),
+    ("fp32", True, False), ("p=f32,c=f32,o=f32", True, False),  # Nothing to adapt.
+])
+def test_controller_enabled_asks_the_preset(policy, adaptive, enabled):
+  config = ml_collections.ConfigDict({"policy": policy, "adaptive": adaptive})
+  assert precision.controller_enabled(config) == enabled
 
 
 @pytest.mark.parametrize("text, message", [

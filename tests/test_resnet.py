@@ -24,8 +24,9 @@ from dsjax import precision
 from dsjax.data.augment import apply_crop_flip, random_crop_flip, sample_crop_flip
 from dsjax.models import registry
 from dsjax.models.resnet import ResNet
-from dsjax.nn import STATS, PrecisionPlan
+from dsjax.nn import STATS
 from dsjax.nn.norm import BatchNorm
+from dsjax.precision import LayerPrecision, PrecisionPlan
 from dsjax.train.state import TrainState
 from dsjax.train.step import make_train_step
 from dsjax.train.tasks import Task
@@ -134,7 +135,7 @@ def test_resnet20_parameter_count():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_resnet20_output_shape_and_dtype(dtype):
   # Shapes and dtypes only (no compile): logits float32, statistics float32 in any dtype.
-  model = ResNet(compute_dtype=dtype)
+  model = ResNet(precision=LayerPrecision(dtype))
   images = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                              images)
@@ -163,7 +164,7 @@ def _numpy_conv3x3(x, kernel):
 def test_tiny_resnet_bfloat16_batch_stats_are_float32_and_accurate():
   dtype = jnp.bfloat16
   images = _channels_data((4, 8, 8, 3), loc=0.0, scale=1.0)
-  model = ResNet(**TINY, compute_dtype=dtype)
+  model = ResNet(**TINY, precision=LayerPrecision(dtype))
   variables = _variables(model, images.shape)
   logits, state = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]),
                           compiler_options=FAST_COMPILE)(variables, images)
@@ -215,7 +216,7 @@ def test_registry_entry_and_config_file():
     assert word in problems
   model = spec.build(defaults, 10, jnp.bfloat16, PrecisionPlan())
   assert isinstance(model, ResNet) and model.widths == (16, 32, 64)
-  assert model.compute_dtype == jnp.bfloat16
+  assert model.precision.compute_dtype == jnp.bfloat16
 
   module_spec = importlib.util.spec_from_file_location(CONFIG.stem, CONFIG)
   module = importlib.util.module_from_spec(module_spec)
@@ -303,7 +304,7 @@ def test_batch_norm_train_normalises_and_updates_running_stats():
 
 
 def test_batch_norm_init_creates_float32_stats_without_updating():
-  bn = BatchNorm(param_dtype=jnp.bfloat16, compute_dtype=jnp.float16)
+  bn = BatchNorm(param_dtype=jnp.bfloat16, precision=LayerPrecision(jnp.float16))
   variables = jax.jit(functools.partial(bn.init, use_running_average=False))(
       jax.random.key(0), jnp.full((2, 4), 7.0, jnp.float16))
   assert variables["params"]["scale"].dtype == jnp.bfloat16
@@ -333,7 +334,7 @@ def test_batch_norm_half_compute_keeps_float32_statistics(dtype):
   variables = _bn_variables(6)
 
   def run(compute_dtype, x):
-    return _run(BatchNorm(compute_dtype=compute_dtype), variables, x,
+    return _run(BatchNorm(precision=LayerPrecision(compute_dtype)), variables, x,
                 use_running_average=False, mutable=["batch_stats"])
 
   y, state = run(dtype, x_half)
@@ -360,7 +361,8 @@ def test_batch_norm_half_compute_keeps_float32_statistics(dtype):
 def test_batch_norm_float16_statistics_do_not_overflow():
   # Squares of ~300 exceed float16's 65504: a float16 variance would be inf.
   x = jnp.asarray(300.0 + 50.0 * np.random.default_rng(0).normal(size=(32, 4)), jnp.float16)
-  y, state = _run(BatchNorm(compute_dtype=jnp.float16), _bn_variables(4, mean=0.0, var=1.0),
+  y, state = _run(BatchNorm(precision=LayerPrecision(jnp.float16)),
+                  _bn_variables(4, mean=0.0, var=1.0),
                   x, use_running_average=False, mutable=["batch_stats"])
   assert y.dtype == jnp.float16 and np.all(np.isfinite(_f64(y)))
   ref = _f64(x)
@@ -404,7 +406,7 @@ def test_batch_norm_cross_replica_statistics():
 def test_batch_norm_plan_stats_and_param_axes():
   x = jnp.asarray(_channels_data((4, 2, 2, 3)), jnp.bfloat16)
   variables = _bn_variables(3)
-  promoted = BatchNorm(compute_dtype=jnp.bfloat16, plan=PrecisionPlan().promote(""))
+  promoted = BatchNorm(precision=LayerPrecision(jnp.bfloat16, PrecisionPlan().promote("")))
   y, mutated = _run(promoted, variables, x, use_running_average=False,
                     mutable=["batch_stats", STATS])
   assert y.dtype == jnp.float32

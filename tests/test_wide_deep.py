@@ -23,6 +23,7 @@ from dsjax.data.dataset import BatchIterator, get_dataset
 from dsjax.errors import DataError
 from dsjax.models import registry
 from dsjax.models.wide_deep import WideDeep, cross_ids
+from dsjax.precision import LayerPrecision
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "ctr_wide_deep.py"
 
@@ -82,7 +83,7 @@ def test_registry_build_and_check():
   model_config = ml_collections.ConfigDict(spec.defaults)
   assert list(spec.check(model_config)) == []
   model = spec.build(model_config, 2, jnp.bfloat16)
-  assert isinstance(model, WideDeep) and model.compute_dtype == jnp.bfloat16
+  assert isinstance(model, WideDeep) and model.precision.compute_dtype == jnp.bfloat16
   bad = ml_collections.ConfigDict({**spec.defaults, "embedding_rows": 0, "mlp_dims": (),
                                    "crosses": ((0, 26),), "dropout_rate": 1.0})
   problems = " ".join(spec.check(bad))
@@ -104,7 +105,7 @@ def test_forward_shapes_hashing_and_bf16():
   # Ids are hashed as id % embedding_rows (crosses off: they hash the raw ids).
   np.testing.assert_allclose(apply(variables, dense, sparse % 50 + 50 * 3), logits, atol=1e-6)
   half = WideDeep(embedding_rows=50, embedding_dim=4, mlp_dims=(8,), crosses=(),
-                  compute_dtype=jnp.bfloat16)
+                  precision=LayerPrecision(jnp.bfloat16))
   half_logits = jax.jit(half.apply)(variables, dense, sparse)
   assert half_logits.dtype == jnp.float32
   np.testing.assert_allclose(half_logits, logits, atol=0.05)

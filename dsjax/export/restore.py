@@ -29,7 +29,7 @@ from dsjax.train import tasks
 
 log = logging.getLogger(__name__)
 
-# Module fields that choose an implementation, not the function, and the value that every
+# Model config fields that choose an implementation, not the function, and the value that every
 # exporter and runtime can express: the Pallas matmul and the fused attention kernels
 # compute the same products as XLA's dot and dsjax's explicit attention.
 _PORTABLE_FIELDS = {"matmul_impl": "xla", "attention_impl": "explicit"}
@@ -64,7 +64,8 @@ class RestoredRun:
     model: the Flax module in inference form (float32 unless asked otherwise).
     variables: `{"params": ..., **model_state}` on one device.
     inputs: the model's named inputs, in call order.
-    overrides: module fields changed for export (e.g. `matmul_impl`), with their values.
+    overrides: model config fields changed for export (e.g. `matmul_impl`), with their
+      values.
   """
 
   workdir: Path
@@ -210,13 +211,14 @@ def restore(workdir: str | Path, dtype: Any = jnp.float32) -> RestoredRun:
   dataset = data.get_dataset(data_config)
   run_task = tasks.make_task(spec.task, config.data, dataset.metadata)
   inputs = _input_specs(run_task, config, saved, dataset)
-  model = spec.build(config.model, dataset.num_classes, dtype)
   overrides = {field: value for field, value in _PORTABLE_FIELDS.items()
-               if getattr(model, field, value) != value}
+               if config.model.get(field, value) != value}
   if overrides:
     log.info("export: %s (the same function, in ops every runtime has)",
              ", ".join(f"{k}={v}" for k, v in overrides.items()))
-    model = model.clone(**overrides)
+  model_config = config.model.copy_and_resolve_references()
+  model_config.update(overrides)
+  model = spec.build(model_config, dataset.num_classes, dtype)
   example = [jnp.zeros((1, *s.shape), s.dtype) for s in inputs]
   variables = _restore_variables(workdir, step, model, run_task, inputs, example)
   return RestoredRun(workdir=workdir, step=step, config=config, spec=spec, task=run_task,

@@ -24,6 +24,7 @@ from dsjax.errors import ConfigError
 from dsjax.models import bert_hf, registry
 from dsjax.nn.layers import sow_stats
 from dsjax.parallel import pipeline
+from dsjax.precision import LayerPrecision, PrecisionPlan
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 _INIT = nn.initializers.normal(stddev=0.02)  # As BERT (initializer_range).
@@ -44,22 +45,18 @@ class MergeHeadsDense(nn.Module):
   Attributes:
     features: output width.
     kernel_axes: logical names of the [heads, head_dim, features] kernel.
-    compute_dtype: the run's half (or float32) compute dtype.
-    param_dtype: dtype of the stored parameters.
-    plan: precision plan; None means every layer computes in `compute_dtype`.
-    matmul_impl: "xla" or "pallas" (see `dsjax.nn.Dense`).
+    precision: compute dtype, plan and matmul implementation (see `dsjax.nn.Dense`).
+    param_dtype: dtype the parameters are created in.
   """
 
   features: int
   kernel_axes: tuple[str | None, ...] = ("heads", "kv", "embed")
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = self.precision.dtype(self)
     heads, head_dim = inputs.shape[-2:]
     kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.kernel_axes),
                         (heads, head_dim, self.features), self.param_dtype)
@@ -67,7 +64,7 @@ class MergeHeadsDense(nn.Module):
         nn.initializers.zeros_init(), self.kernel_axes[-1:]), (self.features,), self.param_dtype)
     flat = inputs.reshape(*inputs.shape[:-2], heads * head_dim).astype(dtype)
     flat_kernel = kernel.reshape(heads * head_dim, self.features).astype(dtype)
-    if self.matmul_impl == "pallas":
+    if self.precision.matmul_impl == "pallas":
       y = pallas_kernels.matmul(flat, flat_kernel, bias=bias.astype(jnp.float32), out_dtype=dtype)
     else:
       y = dsnn.matmul.dot_general(flat, flat_kernel, (((flat.ndim - 1,), (0,)), ((), ())))
@@ -86,29 +83,23 @@ class BertSelfAttention(nn.Module):
     num_heads: number of heads.
     head_dim: width of each head.
     dropout_rate: dropout on the attention weights.
-    compute_dtype: the run's compute dtype.
-    plan: precision plan, or None.
-    matmul_impl: "xla" or "pallas" for the four projections.
+    precision: compute dtype, plan, and the matmul implementation of the four projections.
     attention_impl: one of `dsjax.nn.ATTENTION_IMPLS` (see `dsjax.nn.attend`).
   """
 
   num_heads: int
   head_dim: int
   dropout_rate: float = 0.0
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
   attention_impl: str = "explicit"
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
-    dtype = dsnn.layer_dtype(self, self.compute_dtype, self.plan)
-    layer = {"compute_dtype": self.compute_dtype, "plan": self.plan,
-             "matmul_impl": self.matmul_impl}
+    dtype = self.precision.dtype(self)
 
     def project(name: str) -> jax.Array:
       return dsnn.Dense((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
-                        kernel_init=_INIT, name=name, **layer)(x)
+                        kernel_init=_INIT, precision=self.precision, name=name)(x)
 
     query, key, value = project("query"), project("key"), project("value")
     # Scaling q before the product keeps float16 logits in range; HF scales after, which
@@ -117,7 +108,7 @@ class BertSelfAttention(nn.Module):
     context = dsnn.attend(self, query, key, value, attention_bias, dtype=dtype,
                           dropout_rate=self.dropout_rate, deterministic=not train,
                           impl=self.attention_impl)
-    return MergeHeadsDense(x.shape[-1], name="out", **layer)(context)
+    return MergeHeadsDense(x.shape[-1], precision=self.precision, name="out")(context)
 
 
 class BertLayer(nn.Module):
@@ -129,10 +120,8 @@ class BertLayer(nn.Module):
     dropout_rate: dropout on both residual branches (and the attention weights unless
       `attention_dropout_rate` is set).
     layer_norm_eps: LayerNorm epsilon.
-    compute_dtype: the run's compute dtype.
-    plan: precision plan, or None. Paths omit the layer index: one entry per scanned
-      sub-layer governs that sub-layer in every layer.
-    matmul_impl: "xla" or "pallas".
+    precision: compute dtype, plan and matmul implementation. Plan paths omit the layer
+      index: one entry per scanned sub-layer governs that sub-layer in every layer.
     attention_impl: one of `dsjax.nn.ATTENTION_IMPLS`.
     attention_dropout_rate: dropout on the attention weights; None: `dropout_rate`.
   """
@@ -141,9 +130,7 @@ class BertLayer(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
   attention_impl: str = "explicit"
   attention_dropout_rate: float | None = None
 
@@ -151,18 +138,16 @@ class BertLayer(nn.Module):
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
     """Maps x [batch, length, embed] to the same shape and dtype (the scan carry)."""
     hidden = x.shape[-1]
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
-    dense = {"kernel_init": _INIT, "matmul_impl": self.matmul_impl, **precision}
-    norm = {"epsilon": self.layer_norm_eps, **precision}
+    dense = {"kernel_init": _INIT, "precision": self.precision}
+    norm = {"epsilon": self.layer_norm_eps, "precision": self.precision}
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
     carry_dtype = x.dtype
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     attention_dropout = (self.dropout_rate if self.attention_dropout_rate is None
                          else self.attention_dropout_rate)
     attended = BertSelfAttention(self.num_heads, hidden // self.num_heads, attention_dropout,
-                                 matmul_impl=self.matmul_impl,
-                                 attention_impl=self.attention_impl, name="attention",
-                                 **precision)(x, attention_bias, train=train)
+                                 self.precision, self.attention_impl,
+                                 name="attention")(x, attention_bias, train=train)
     x = dsnn.LayerNorm(name="attention_norm", **norm)(x + dropout(attended))
     y = dsnn.Dense(self.mlp_dim, kernel_axes=("embed", "mlp"), name="mlp_in", **dense)(x)
     y = nn.with_logical_constraint(_gelu(y), ("batch", "length", "mlp"))
@@ -184,9 +169,7 @@ class BertEncoder(nn.Module):
     mlp_dim: MLP hidden width.
     dropout_rate: dropout rate inside each layer.
     layer_norm_eps: LayerNorm epsilon.
-    compute_dtype: the run's compute dtype.
-    plan: precision plan, or None.
-    matmul_impl: "xla" or "pallas".
+    precision: compute dtype, plan and matmul implementation of every layer.
     remat: recompute each layer's activations in the backward pass.
     scan_unroll: layers per iteration of the scan's loop; 0 (the default) or
       `num_layers`: every layer, no loop. The parameters stay stacked [layers, ...]
@@ -202,9 +185,7 @@ class BertEncoder(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
   remat: bool = False
   scan_unroll: int = 0
   attention_impl: str = "explicit"
@@ -228,8 +209,8 @@ class BertEncoder(nn.Module):
                     unroll=min(self.scan_unroll or self.num_layers, self.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
     layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
-                      self.compute_dtype, self.plan, self.matmul_impl, self.attention_impl,
-                      self.attention_dropout_rate, name="layers")
+                      self.precision, self.attention_impl, self.attention_dropout_rate,
+                      name="layers")
     x, _ = stack(layer, x, attention_bias, train)
     return x
 
@@ -248,9 +229,8 @@ class Bert(nn.Module):
     dropout_rate: dropout on embeddings, residual branches and (unless
       `attention_dropout_rate` is set) attention weights.
     layer_norm_eps: LayerNorm epsilon.
-    compute_dtype: compute dtype; parameters are always float32.
-    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
-    matmul_impl: "xla" or "pallas" for the dense layers.
+    precision: compute dtype, per-layer plan and the dense layers' matmul implementation
+      (`dsjax.precision.LayerPrecision`), handed to every layer.
     remat: recompute encoder-layer activations in the backward pass.
     scan_unroll: encoder layers per loop iteration; 0: all of them (see `BertEncoder`).
     num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
@@ -270,9 +250,7 @@ class Bert(nn.Module):
   type_vocab_size: int = 2
   dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
   remat: bool = False
   scan_unroll: int = 0
   num_stages: int = 1
@@ -311,17 +289,16 @@ class Bert(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
-    dense = {"kernel_init": _INIT, "matmul_impl": self.matmul_impl, **precision}
-    norm = {"epsilon": self.layer_norm_eps, **precision}
+    precision = self.precision
+    norm = {"epsilon": self.layer_norm_eps, "precision": precision}
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
 
-    word = dsnn.Embed(self.vocab_size, self.hidden, _INIT, ("vocab", "embed"),
-                      name="word_embeddings", **precision)
-    position = dsnn.Embed(self.max_position, self.hidden, _INIT, (None, "embed"),
-                          name="position_embeddings", **precision)
+    word = dsnn.Embed(self.vocab_size, self.hidden, _INIT, ("vocab", "embed"), precision,
+                      name="word_embeddings")
+    position = dsnn.Embed(self.max_position, self.hidden, _INIT, (None, "embed"), precision,
+                          name="position_embeddings")
     token_type = dsnn.Embed(self.type_vocab_size, self.hidden, _INIT, (None, "embed"),
-                            name="token_type_embeddings", **precision)
+                            precision, name="token_type_embeddings")
     x = (word(input_ids).astype(jnp.float32)
          + position(jnp.arange(length)[None, :]).astype(jnp.float32)
          + token_type(token_type_ids).astype(jnp.float32))
@@ -334,23 +311,22 @@ class Bert(nn.Module):
     if self.num_stages > 1:
       # GPipe over the `pipe` mesh axis; the same "encoder/layers" parameters as the scan.
       layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
-                        self.compute_dtype, self.plan, self.matmul_impl, self.attention_impl,
-                        self.attention_dropout_rate)
+                        precision, self.attention_impl, self.attention_dropout_rate)
       x = pipeline.Pipeline(layer, self.num_layers, self.num_stages, self.num_microbatches,
                             self.remat, self.num_repeats, name="encoder")(x, attention_bias,
                                                                           train=train)
     else:
       x = BertEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
-                      self.layer_norm_eps, self.compute_dtype, self.plan, self.matmul_impl,
-                      self.remat, self.scan_unroll, self.attention_impl,
-                      self.attention_dropout_rate, name="encoder")(x, attention_bias,
-                                                                   train=train)
+                      self.layer_norm_eps, precision, self.remat, self.scan_unroll,
+                      self.attention_impl, self.attention_dropout_rate,
+                      name="encoder")(x, attention_bias, train=train)
     if mlm_positions is not None:
       # Gathered before the head: its vocabulary projection is the costliest matmul of a
       # small BERT, and training scores only the ~15% masked positions.
       x = jnp.take_along_axis(x, mlm_positions[..., None].astype(jnp.int32), axis=1)
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    x = dsnn.Dense(self.hidden, kernel_axes=("embed", None), name="mlm_dense", **dense)(x)
+    x = dsnn.Dense(self.hidden, kernel_axes=("embed", None), kernel_init=_INIT,
+                   precision=precision, name="mlm_dense")(x)
     x = dsnn.LayerNorm(name="mlm_norm", **norm)(_gelu(x))
     bias = self.param("mlm_bias", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("vocab",)), (self.vocab_size,), jnp.float32)
@@ -376,19 +352,20 @@ def from_pretrained(path: str | Path, *,
     CheckpointError: see `dsjax.models.bert_hf.read_pretrained`.
   """
   fields, params = bert_hf.read_pretrained(path)
-  return Bert(**fields, compute_dtype=compute_dtype), {"params": params}
+  return Bert(**fields, precision=LayerPrecision(compute_dtype)), {"params": params}
 
 
 # ------------------------------------------------------------------ registry
 
 
 def _build(model_config: Any, num_classes: int, compute_dtype: Any,
-           plan: dsnn.PrecisionPlan | None = None) -> Bert:
+           plan: PrecisionPlan | None = None) -> Bert:
   return Bert(vocab_size=num_classes, hidden=model_config.hidden,
               num_layers=model_config.num_layers, num_heads=model_config.num_heads,
               mlp_dim=model_config.mlp_dim, max_position=model_config.max_position,
-              dropout_rate=model_config.dropout_rate, compute_dtype=compute_dtype, plan=plan,
-              matmul_impl=model_config.matmul_impl, remat=model_config.remat,
+              dropout_rate=model_config.dropout_rate,
+              precision=LayerPrecision(compute_dtype, plan, model_config.matmul_impl),
+              remat=model_config.remat,
               scan_unroll=model_config.scan_unroll, attention_impl=model_config.attention_impl,
               attention_dropout_rate=_attention_dropout(model_config))
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from dsjax import nn as dsnn
 from dsjax.models import registry
+from dsjax.precision import LayerPrecision, PrecisionPlan
 
 
 class CNN(nn.Module):
@@ -20,46 +21,41 @@ class CNN(nn.Module):
     dense_features: width of the hidden dense layer.
     num_classes: number of output logits.
     dropout_rate: dropout before the classifier, active in training only.
-    compute_dtype: compute dtype; parameters are always float32 (master weights).
-    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`); None: all layers in
-      `compute_dtype`.
-    matmul_impl: "xla" or "pallas" for the dense layers (see `dsjax.nn.Dense`).
+    precision: compute dtype, per-layer plan and the dense layers' matmul implementation
+      (`dsjax.precision.LayerPrecision`), handed to every layer.
   """
 
   features: Sequence[int]
   dense_features: int
   num_classes: int
   dropout_rate: float = 0.0
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     x = images
     for stage, width in enumerate(self.features):
       for layer in range(2):
-        x = nn.relu(dsnn.Conv(width, (3, 3), name=f"conv{stage}_{layer}", **precision)(x))
+        x = nn.relu(dsnn.Conv(width, (3, 3), precision=self.precision,
+                              name=f"conv{stage}_{layer}")(x))
       if min(x.shape[-3:-1]) >= 2:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    dense = {"matmul_impl": self.matmul_impl, **precision}
     # Tensor parallel on `model`: the hidden layer column-split, the classifier row-split.
-    x = nn.relu(dsnn.Dense(self.dense_features, kernel_axes=("embed", "mlp"), name="hidden",
-                           **dense)(x))
+    x = nn.relu(dsnn.Dense(self.dense_features, kernel_axes=("embed", "mlp"),
+                           precision=self.precision, name="hidden")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = dsnn.Dense(self.num_classes, kernel_axes=("mlp", None), name="classifier",
-                        **dense)(x)
+    logits = dsnn.Dense(self.num_classes, kernel_axes=("mlp", None), precision=self.precision,
+                        name="classifier")(x)
     # Losses and softmax are numerically sensitive: hand them float32 logits.
     return logits.astype(jnp.float32)
 
 
 def _build(model_config: Any, num_classes: int, compute_dtype: Any,
-           plan: dsnn.PrecisionPlan | None = None) -> CNN:
+           plan: PrecisionPlan | None = None) -> CNN:
   return CNN(features=tuple(model_config.features), dense_features=model_config.dense_features,
              num_classes=num_classes, dropout_rate=model_config.dropout_rate,
-             compute_dtype=compute_dtype, plan=plan, matmul_impl=model_config.matmul_impl)
+             precision=LayerPrecision(compute_dtype, plan, model_config.matmul_impl))
 
 
 def _check(model_config: Any) -> list[str]:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from dsjax import nn as dsnn
 from dsjax.models import registry
 from dsjax.nn.norm import BatchNorm
+from dsjax.precision import LayerPrecision, PrecisionPlan
 
 _PAD_1 = ((1, 1), (1, 1))
 
@@ -53,22 +54,19 @@ class BasicBlock(nn.Module):
     features: output channels (at least the input channels).
     stride: stride of the first convolution and of the shortcut's subsample.
     bn_momentum: momentum of the batch-norm running averages.
-    compute_dtype: compute dtype; parameters are float32 (master weights).
-    plan: per-layer precision plan; None: all layers in `compute_dtype`.
+    precision: compute dtype and per-layer plan of the block's layers.
   """
 
   features: int
   stride: int = 1
   bn_momentum: float = 0.9
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
+  precision: LayerPrecision = LayerPrecision()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     conv = {"kernel_size": (3, 3), "padding": _PAD_1, "use_bias": False,
-            "kernel_init": nn.initializers.he_normal(), **precision}
-    bn = {"momentum": self.bn_momentum, "param_axis": "conv_out", **precision}
+            "kernel_init": nn.initializers.he_normal(), "precision": self.precision}
+    bn = {"momentum": self.bn_momentum, "param_axis": "conv_out", "precision": self.precision}
     y = dsnn.Conv(self.features, strides=self.stride, name="conv1", **conv)(x)
     y = nn.relu(BatchNorm(name="bn1", **bn)(y, use_running_average=not train))
     y = dsnn.Conv(self.features, name="conv2", **conv)(y)
@@ -85,19 +83,15 @@ class ResNet(nn.Module):
       shortcuts can only add channels).
     num_classes: number of output logits.
     bn_momentum: momentum of the batch-norm running averages.
-    compute_dtype: compute dtype; parameters are always float32 (master weights).
-    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`); None: all layers in
-      `compute_dtype`.
-    matmul_impl: "xla" or "pallas" for the classifier (see `dsjax.nn.Dense`).
+    precision: compute dtype, per-layer plan and the classifier's matmul implementation
+      (`dsjax.precision.LayerPrecision`), handed to every layer.
   """
 
   stage_sizes: Sequence[int] = (3, 3, 3)
   widths: Sequence[int] = (16, 32, 64)
   num_classes: int = 10
   bn_momentum: float = 0.9
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -111,30 +105,29 @@ class ResNet(nn.Module):
     Returns:
       [batch, num_classes] float32 logits.
     """
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
     x = dsnn.Conv(self.widths[0], (3, 3), padding=_PAD_1, use_bias=False,
-                  kernel_init=nn.initializers.he_normal(), name="stem_conv", **precision)(images)
-    x = nn.relu(BatchNorm(momentum=self.bn_momentum, param_axis="conv_out", name="stem_bn",
-                          **precision)(
+                  kernel_init=nn.initializers.he_normal(), precision=self.precision,
+                  name="stem_conv")(images)
+    x = nn.relu(BatchNorm(momentum=self.bn_momentum, param_axis="conv_out",
+                          precision=self.precision, name="stem_bn")(
         x, use_running_average=not train))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, stride, bn_momentum=self.bn_momentum,
-                       name=f"stage{stage + 1}_block{block + 1}", **precision)(x, train=train)
+        x = BasicBlock(width, stride, bn_momentum=self.bn_momentum, precision=self.precision,
+                       name=f"stage{stage + 1}_block{block + 1}")(x, train=train)
     # Global average pool in float32: a sum over the whole feature map.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = dsnn.Dense(self.num_classes, name="classifier", matmul_impl=self.matmul_impl,
-                        **precision)(x)
+    logits = dsnn.Dense(self.num_classes, precision=self.precision, name="classifier")(x)
     # Losses and softmax are numerically sensitive: hand them float32 logits.
     return logits.astype(jnp.float32)
 
 
 def _build(model_config: Any, num_classes: int, compute_dtype: Any,
-           plan: dsnn.PrecisionPlan | None = None) -> ResNet:
+           plan: PrecisionPlan | None = None) -> ResNet:
   return ResNet(stage_sizes=tuple(model_config.stage_sizes), widths=tuple(model_config.widths),
-                num_classes=num_classes, compute_dtype=compute_dtype, plan=plan,
-                matmul_impl=model_config.matmul_impl)
+                num_classes=num_classes,
+                precision=LayerPrecision(compute_dtype, plan, model_config.matmul_impl))
 
 
 def _check(model_config: Any) -> list[str]:

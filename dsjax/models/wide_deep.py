@@ -28,6 +28,7 @@ import numpy as np
 
 from dsjax import nn as dsnn
 from dsjax.models import registry
+from dsjax.precision import LayerPrecision, PrecisionPlan
 
 NUM_DENSE = 13
 # The pairs the `ctr-synthetic` generator puts crossed effects on (`SYNTHETIC_CROSSES`).
@@ -78,10 +79,8 @@ class WideDeep(nn.Module):
     wide_rows: hash buckets of the wide crossed-feature table.
     crosses: pairs of categorical feature indices whose crossed value gets a wide weight.
     dropout_rate: dropout after each hidden layer, active in training only.
-    compute_dtype: compute dtype; parameters are always float32 (master weights).
-    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`); None: all layers in
-      `compute_dtype`.
-    matmul_impl: "xla" or "pallas" for the MLP layers (see `dsjax.nn.Dense`).
+    precision: compute dtype, per-layer plan and the deep MLP's matmul implementation
+      (`dsjax.precision.LayerPrecision`), handed to every layer.
   """
 
   num_sparse: int = 26
@@ -91,9 +90,7 @@ class WideDeep(nn.Module):
   wide_rows: int = 100_000
   crosses: Sequence[tuple[int, int]] = DEFAULT_CROSSES
   dropout_rate: float = 0.0
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
-  matmul_impl: str = "xla"
+  precision: LayerPrecision = LayerPrecision()
 
   @nn.compact
   def __call__(self, dense: jax.Array, sparse: jax.Array, *, train: bool = False) -> jax.Array:
@@ -109,47 +106,51 @@ class WideDeep(nn.Module):
     """
     if sparse.ndim != 2 or sparse.shape[1] != self.num_sparse:
       raise ValueError(f"sparse must be [batch, {self.num_sparse}], got {sparse.shape}")
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    precision = self.precision
     rows = self.embedding_rows
     # Feature f's hashed id indexes rows f * rows ... of the shared (stacked) tables.
     offsets = jnp.arange(self.num_sparse, dtype=jnp.int32) * rows
     ids = jnp.remainder(sparse.astype(jnp.int32), rows) + offsets
 
     # Wide: linear in the dense features, the hashed ids and the hashed crosses; float32.
-    wide = dsnn.Dense(1, kernel_axes=(None, None), name="wide_dense", **precision)(dense)
+    # `precision.matmul_impl` picks the deep part's MLP kernels only.
+    wide = dsnn.Dense(1, kernel_axes=(None, None), precision=precision.replace(matmul_impl="xla"),
+                      name="wide_dense")(dense)
     wide = wide[:, 0].astype(jnp.float32)
     id_weights = dsnn.Embed(self.num_sparse * rows, 1, embedding_init=nn.initializers.zeros,
-                            embedding_axes=("vocab", None), name="wide_ids", **precision)
+                            embedding_axes=("vocab", None), precision=precision,
+                            name="wide_ids")
     wide = wide + jnp.sum(id_weights(ids).astype(jnp.float32), axis=(1, 2))
     if self.crosses:
       cross_weights = dsnn.Embed(self.wide_rows, 1, embedding_init=nn.initializers.zeros,
-                                 embedding_axes=("vocab", None), name="wide_crosses",
-                                 **precision)
+                                 embedding_axes=("vocab", None), precision=precision,
+                                 name="wide_crosses")
       crossed = cross_ids(sparse, tuple(self.crosses), self.wide_rows)
       wide = wide + jnp.sum(cross_weights(crossed).astype(jnp.float32), axis=(1, 2))
 
     # Deep: embeddings and dense features through a ReLU MLP.
     embed = dsnn.Embed(self.num_sparse * rows, self.embedding_dim,
                        embedding_init=nn.initializers.normal(stddev=0.05),
-                       embedding_axes=("vocab", "embed"), name="embedding", **precision)
+                       embedding_axes=("vocab", "embed"), precision=precision,
+                       name="embedding")
     x = embed(ids).reshape(sparse.shape[0], self.num_sparse * self.embedding_dim)
     x = jnp.concatenate([x, dense.astype(x.dtype)], axis=-1)
-    dense_kwargs = {"matmul_impl": self.matmul_impl, **precision}
     in_axis = "embed"
     for i, width in enumerate(self.mlp_dims):
       # Alternate ("embed", "mlp") / ("mlp", "embed") so no kernel names one axis twice.
       out_axis = "mlp" if in_axis == "embed" else "embed"
-      x = dsnn.Dense(width, kernel_axes=(in_axis, out_axis), name=f"mlp_{i}", **dense_kwargs)(x)
+      x = dsnn.Dense(width, kernel_axes=(in_axis, out_axis), precision=precision,
+                     name=f"mlp_{i}")(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
       in_axis = out_axis
-    deep = dsnn.Dense(1, kernel_axes=(in_axis, None), name="deep_out", **dense_kwargs)(x)
+    deep = dsnn.Dense(1, kernel_axes=(in_axis, None), precision=precision, name="deep_out")(x)
     # The loss is numerically sensitive: hand it float32 logits.
     return wide + deep[:, 0].astype(jnp.float32)
 
 
 def _build(model_config: Any, num_classes: int, compute_dtype: Any,
-           plan: dsnn.PrecisionPlan | None = None) -> WideDeep:
+           plan: PrecisionPlan | None = None) -> WideDeep:
   del num_classes  # Binary: one logit per example.
   return WideDeep(num_sparse=model_config.num_sparse,
                   embedding_rows=model_config.embedding_rows,
@@ -157,8 +158,8 @@ def _build(model_config: Any, num_classes: int, compute_dtype: Any,
                   mlp_dims=tuple(int(d) for d in model_config.mlp_dims),
                   wide_rows=model_config.wide_rows,
                   crosses=tuple((int(i), int(j)) for i, j in model_config.crosses),
-                  dropout_rate=model_config.dropout_rate, compute_dtype=compute_dtype,
-                  plan=plan, matmul_impl=model_config.matmul_impl)
+                  dropout_rate=model_config.dropout_rate,
+                  precision=LayerPrecision(compute_dtype, plan, model_config.matmul_impl))
 
 
 def _check(model_config: Any) -> list[str]:

@@ -1,4 +1,8 @@
-"""Precision-plan-aware Flax layers, the precision plan, and a half-residual remat policy."""
+"""Precision-plan-aware Flax layers and a half-residual remat policy.
+
+The layers read one `dsjax.precision.LayerPrecision`; plans and policies live in
+`dsjax.precision`.
+"""
 
 from dsjax.nn import matmul
 from dsjax.nn.layers import (
@@ -11,19 +15,20 @@ from dsjax.nn.layers import (
     LayerNorm,
     MultiHeadAttention,
     attend,
+    layer_precision,
     sow_stats,
 )
 from dsjax.nn.norm import BATCH_STATS, BatchNorm
-from dsjax.nn.plan import CHOICES, FP32, HALF, PrecisionPlan, layer_dtype, module_path
 from dsjax.nn.remat import HALF_DTYPES, remat, save_half_residuals
+
+# Still spelled `dsnn.PrecisionPlan` and `dsnn.layer_dtype` by models/supernet.py; drop
+# these two once it imports them from dsjax.precision.
+from dsjax.precision.plan import PrecisionPlan, layer_dtype
 
 __all__ = [
     "ATTENTION_IMPLS",
     "BATCH_STATS",
     "BatchNorm",
-    "CHOICES",
-    "FP32",
-    "HALF",
     "HALF_DTYPES",
     "MATMUL_IMPLS",
     "STATS",
@@ -35,8 +40,8 @@ __all__ = [
     "PrecisionPlan",
     "attend",
     "layer_dtype",
+    "layer_precision",
     "matmul",
-    "module_path",
     "remat",
     "save_half_residuals",
     "sow_stats",

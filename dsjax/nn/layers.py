@@ -1,10 +1,12 @@
 """Precision-plan-aware linen layers.
 
-Every layer holds float32 (or `param_dtype`) master parameters and computes in
-`layer_dtype(self, compute_dtype, plan)`: half precision unless the plan promotes its
-path to float32. Matmuls and convolutions accumulate in float32 (`dsjax.nn.matmul`: their
-backward products stay in half precision too), biases are added in float32, and the
-result is rounded once to the layer dtype. Numerically sensitive reductions (LayerNorm
+Every layer creates float32 (or `param_dtype`) parameters, reads them in whatever dtype
+the train state keeps them (the policy's `param_dtype`), and computes in
+`self.precision.dtype(self)`: the `dsjax.precision.LayerPrecision` a model hands all its
+layers gives half precision unless its plan promotes the layer's path to float32.
+Matmuls and convolutions accumulate in float32 (`dsjax.nn.matmul`: their backward
+products stay in half precision too), biases are added in float32, and the result is
+rounded once to the layer dtype. Numerically sensitive reductions (LayerNorm
 statistics, softmax) are always float32, as in PyTorch AMP.
 
 Layers sow `max_abs` and `nonfinite` of their output into the "precision_stats"
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from dsjax.errors import ConfigError
 from dsjax.nn import matmul
-from dsjax.nn.plan import PrecisionPlan, layer_dtype
+from dsjax.precision.plan import LayerPrecision, PrecisionPlan
 
 Initializer = Callable[..., jax.Array]
 Axes = tuple[str | None, ...]
@@ -61,6 +63,21 @@ def _features(features: int | Sequence[int]) -> tuple[int, ...]:
   return (features,) if isinstance(features, int) else tuple(features)
 
 
+def layer_precision(layer: nn.Module) -> LayerPrecision:
+  """A layer's `precision`, with the old `compute_dtype=`/`plan=` spelling over it.
+
+  Dense, Conv and BatchNorm still take `compute_dtype` and `plan` because
+  `models/supernet.py` passes them; drop the two fields once it hands its layers a
+  `LayerPrecision`.
+  """
+  precision = layer.precision
+  if layer.compute_dtype is not None:
+    precision = precision.replace(compute_dtype=layer.compute_dtype)
+  if layer.plan is not None:
+    precision = precision.replace(plan=layer.plan)
+  return precision
+
+
 class Dense(nn.Module):
   """y = x @ kernel + bias over the last axis of x, with float32 accumulation.
 
@@ -71,11 +88,12 @@ class Dense(nn.Module):
     bias_init: bias initializer.
     kernel_axes: logical axis names of the kernel, one per kernel dimension; the bias
       takes `kernel_axes[1:]`. Names only: sharding needs a mesh and rules later.
-    compute_dtype: the run's half (or float32) compute dtype.
-    param_dtype: dtype of the stored parameters.
-    plan: precision plan; None means every layer computes in `compute_dtype`.
-    matmul_impl: "xla" (`lax.dot_general`) or "pallas" (`pallas_kernels.matmul`, the
-      FP16/BF16-in, FP32-accumulate kernel; interpret mode on CPU).
+    precision: compute dtype, plan and matmul implementation: "xla" (`lax.dot_general`)
+      or "pallas" (`pallas_kernels.matmul`, the FP16/BF16-in, FP32-accumulate kernel;
+      interpret mode on CPU).
+    param_dtype: dtype the parameters are created in.
+    compute_dtype: the old spelling of `precision.compute_dtype` (see `layer_precision`).
+    plan: the old spelling of `precision.plan`.
   """
 
   features: int | tuple[int, ...]
@@ -83,20 +101,22 @@ class Dense(nn.Module):
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
   kernel_axes: Axes = (None, None)
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
+  compute_dtype: Any = None
   plan: PrecisionPlan | None = None
-  matmul_impl: str = "xla"
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if self.matmul_impl not in MATMUL_IMPLS:
-      raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {self.matmul_impl!r}")
+    precision = layer_precision(self)
+    if precision.matmul_impl not in MATMUL_IMPLS:
+      raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got "
+                       f"{precision.matmul_impl!r}")
     features = _features(self.features)
     if len(self.kernel_axes) != 1 + len(features):
       raise ValueError(f"kernel_axes {self.kernel_axes} must name {1 + len(features)} kernel "
                        f"dimensions (input, *features={features})")
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = precision.dtype(self)
 
     def kernel_init(rng: jax.Array, shape: tuple[int, ...], param_dtype: Any) -> jax.Array:
       # Initialise as [in, prod(features)]: variance-scaling initialisers would otherwise
@@ -110,7 +130,7 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[1:]),
                         features, self.param_dtype)
-    if self.matmul_impl == "pallas":
+    if precision.matmul_impl == "pallas":
       # The Pallas kernel: half-precision inputs, float32 accumulation and bias, one cast.
       flat_kernel = kernel.reshape(kernel.shape[0], -1).astype(dtype)
       flat_bias = None if bias is None else bias.reshape(-1).astype(jnp.float32)
@@ -142,9 +162,10 @@ class Conv(nn.Module):
     kernel_axes: logical names of the [height, width, in, out] kernel; the bias takes
       the last. The default rules put "conv_in" on `fsdp` and "conv_out" on `model`
       (as a Dense kernel's "embed" and "mlp").
-    compute_dtype: the run's half (or float32) compute dtype.
-    param_dtype: dtype of the stored parameters.
-    plan: precision plan; None means every layer computes in `compute_dtype`.
+    precision: compute dtype and plan (`matmul_impl` does not apply to convolutions).
+    param_dtype: dtype the parameters are created in.
+    compute_dtype: the old spelling of `precision.compute_dtype` (see `layer_precision`).
+    plan: the old spelling of `precision.plan`.
   """
 
   features: int
@@ -156,8 +177,9 @@ class Conv(nn.Module):
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
   kernel_axes: Axes = (None, None, "conv_in", "conv_out")
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
+  compute_dtype: Any = None
   plan: PrecisionPlan | None = None
 
   @nn.compact
@@ -166,7 +188,7 @@ class Conv(nn.Module):
     if in_features % self.feature_group_count or self.features % self.feature_group_count:
       raise ValueError(f"input ({in_features}) and output ({self.features}) channels must be "
                        f"divisible by feature_group_count={self.feature_group_count}")
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = layer_precision(self).dtype(self)
     kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         kernel_shape, self.param_dtype)
@@ -193,18 +215,16 @@ class Embed(nn.Module):
     features: embedding width.
     embedding_init: table initializer.
     embedding_axes: logical axis names of the [vocab, features] table.
-    compute_dtype: the run's half (or float32) compute dtype.
-    param_dtype: dtype of the stored table.
-    plan: precision plan; None means every layer computes in `compute_dtype`.
+    precision: compute dtype and plan.
+    param_dtype: dtype the table is created in.
   """
 
   num_embeddings: int
   features: int
   embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
   embedding_axes: Axes = (None, None)
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  plan: PrecisionPlan | None = None
 
   def setup(self) -> None:
     self.embedding = self.param(
@@ -213,7 +233,7 @@ class Embed(nn.Module):
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     """Looks up integer `ids` [...]; returns [..., features] in the layer dtype."""
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = self.precision.dtype(self)
     # Gather the feature axis for the lookup (FSDP: parameters are gathered for compute).
     # Left sharded, its mesh axis (fsdp) would shard the rows' features while the rows'
     # batch axis is sharded over the same mesh axis, which XLA can only reconcile by
@@ -232,7 +252,7 @@ class Embed(nn.Module):
     Returns:
       The logits in the layer dtype, accumulated in float32.
     """
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = self.precision.dtype(self)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     out = matmul.dot_general(query.astype(dtype), self.embedding.astype(dtype), dims).astype(dtype)
     sow_stats(self, out, 2.0 * (query.size // query.shape[-1]) * self.embedding.size, [query])
@@ -251,22 +271,20 @@ class LayerNorm(nn.Module):
     use_scale: whether to multiply by a learned scale (initialised to ones).
     use_bias: whether to add a learned bias (initialised to zeros).
     feature_axes: logical name of the normalised axis, for the scale and bias.
-    compute_dtype: the run's half (or float32) compute dtype.
-    param_dtype: dtype of the stored scale and bias.
-    plan: precision plan; None means every layer computes in `compute_dtype`.
+    precision: compute dtype and plan.
+    param_dtype: dtype the scale and bias are created in.
   """
 
   epsilon: float = 1e-6
   use_scale: bool = True
   use_bias: bool = True
   feature_axes: Axes = ("embed",)
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  plan: PrecisionPlan | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = self.precision.dtype(self)
     x = inputs.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     # Two-pass variance: E[x²] - E[x]² cancels catastrophically when |mean| >> std.
@@ -297,9 +315,9 @@ class MultiHeadAttention(nn.Module):
     head_dim: width of each head.
     dropout_rate: dropout on the attention weights (needs a "dropout" rng when active).
     kernel_init: initializer of the four projection kernels.
-    compute_dtype: the run's half (or float32) compute dtype.
-    param_dtype: dtype of the stored parameters.
-    plan: precision plan; None means every layer computes in `compute_dtype`.
+    precision: compute dtype, plan and matmul implementation, for this layer and its
+      projections.
+    param_dtype: dtype the parameters are created in.
     impl: one of `ATTENTION_IMPLS` (see `attend`).
   """
 
@@ -307,9 +325,8 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   dropout_rate: float = 0.0
   kernel_init: Initializer = nn.initializers.lecun_normal()
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  plan: PrecisionPlan | None = None
   impl: str = "explicit"
 
   @nn.compact
@@ -328,13 +345,13 @@ class MultiHeadAttention(nn.Module):
       [batch, q, embed] in the dtype of the "out" projection (its own plan entry).
     """
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = self.precision.dtype(self)
     embed = inputs_q.shape[-1]
 
     def project(name: str, x: jax.Array) -> jax.Array:
       return Dense((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
-                   kernel_init=self.kernel_init, compute_dtype=self.compute_dtype,
-                   param_dtype=self.param_dtype, plan=self.plan, name=name)(x)
+                   kernel_init=self.kernel_init, precision=self.precision,
+                   param_dtype=self.param_dtype, name=name)(x)
 
     q = project("query", inputs_q)
     k = project("key", inputs_kv)
@@ -343,7 +360,7 @@ class MultiHeadAttention(nn.Module):
     context = attend(self, q, k, v, mask, dtype=dtype, dropout_rate=self.dropout_rate,
                      deterministic=deterministic, impl=self.impl)
     out = Dense(embed, kernel_axes=("heads", "embed"), kernel_init=self.kernel_init,
-                compute_dtype=self.compute_dtype, param_dtype=self.param_dtype, plan=self.plan,
+                precision=self.precision, param_dtype=self.param_dtype,
                 name="out")(context.reshape(*context.shape[:2], -1))
     return out
 

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.nn.layers import sow_stats
-from dsjax.nn.plan import PrecisionPlan, layer_dtype
+from dsjax.nn.layers import layer_precision, sow_stats
+from dsjax.precision.plan import LayerPrecision, PrecisionPlan
 
 BATCH_STATS = "batch_stats"
 
@@ -49,11 +49,13 @@ class BatchNorm(nn.Module):
     epsilon: added to the variance.
     use_scale: whether to multiply by a learned scale (initialised to ones).
     use_bias: whether to add a learned bias (initialised to zeros).
-    compute_dtype: the run's half (or float32) compute dtype; the output dtype unless the
-      plan promotes this layer.
-    param_dtype: dtype of the stored scale and bias. The running averages are float32
-      whatever it is.
-    plan: precision plan; None means the output is in `compute_dtype`.
+    precision: compute dtype and plan: the output is in the compute dtype unless the plan
+      promotes this layer.
+    param_dtype: dtype the scale and bias are created in. The running averages are
+      float32 whatever it is.
+    compute_dtype: the old spelling of `precision.compute_dtype`
+      (see `dsjax.nn.layers.layer_precision`).
+    plan: the old spelling of `precision.plan`.
     axis_name: a mapped axis (`pmap`/`shard_map`/`vmap` axis name) to average the batch
       statistics over, for cross-replica ("synchronised") batch norm. Replicas must hold
       equally many examples: the global statistics are means of per-replica means. None:
@@ -65,8 +67,9 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   use_scale: bool = True
   use_bias: bool = True
-  compute_dtype: Any = jnp.float32
+  precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
+  compute_dtype: Any = None
   plan: PrecisionPlan | None = None
   axis_name: str | None = None
   param_axis: str | None = None
@@ -89,7 +92,7 @@ class BatchNorm(nn.Module):
     Returns:
       The normalised, scaled and shifted activations, same shape, in the layer dtype.
     """
-    dtype = layer_dtype(self, self.compute_dtype, self.plan)
+    dtype = layer_precision(self).dtype(self)
     features = inputs.shape[-1]
     reduce_axes = tuple(range(inputs.ndim - 1))
     ra_mean = self.variable(BATCH_STATS, "mean", jnp.zeros, (features,), jnp.float32)

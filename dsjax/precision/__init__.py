@@ -1,16 +1,24 @@
-"""Precision: dtype policies, presets and loss scaling.
+"""Precision: dtype policies, presets, per-layer plans, loss scaling and the controller.
 
-Master weights and optimizer state stay float32 under every preset; only the forward
-and backward computation changes dtype. `mixed` is float16 compute where float16 is fast
-(GPUs) and bfloat16 elsewhere (TPUs, CPUs), where float16 is emulated or unsupported.
-Float16 compute needs a dynamic loss scale (see `loss_scale`); the other presets get a
-no-op one with the same interface.
+The four rooms of precision: a `Policy` (`policy`) says which dtype parameters are
+stored, computed and returned in; a `PrecisionPlan` (`plan`) promotes single layers to
+float32, and `LayerPrecision` carries the compute dtype and plan from a model to its
+layers; a loss scale (`loss_scale`) keeps float16 gradients in range; the adaptive
+controller (`adaptive`) rewrites the plan from the layers' statistics.
+
+Every preset keeps float32 master weights and outputs; only the forward and backward
+computation changes dtype. `mixed` is float16 compute where float16 is fast (GPUs) and
+bfloat16 elsewhere (TPUs, CPUs), where float16 is emulated or unsupported, with the
+adaptive controller on. A policy string may also store bfloat16 master weights
+(`p=bf16`); `check_policy` refuses what no run can honour. Float16 compute needs a dynamic
+loss scale; the other policies get a no-op one with the same interface.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from dsjax.precision.adaptive import PrecisionController, controller_enabled
 from dsjax.precision.loss_scale import (
     DynamicLossScale,
     LossScale,
@@ -20,12 +28,32 @@ from dsjax.precision.loss_scale import (
     loss_scale_for,
     select_tree,
 )
-from dsjax.precision.policy import PRESETS, Policy, get_policy, needs_loss_scaling, parse_policy
+from dsjax.precision.plan import (
+    CHOICES,
+    FP32,
+    HALF,
+    LayerPrecision,
+    PrecisionPlan,
+    layer_dtype,
+    module_path,
+)
+from dsjax.precision.policy import (
+    PRESETS,
+    Policy,
+    Preset,
+    check_policy,
+    get_policy,
+    get_preset,
+    needs_loss_scaling,
+    parse_policy,
+)
 
 __all__ = [
-    "PRESETS", "DynamicLossScale", "LossScale", "NoOpLossScale", "Policy", "all_finite",
-    "compute_dtype", "dynamic_loss_scale", "get_policy", "loss_scale_for",
-    "needs_loss_scaling", "parse_policy", "select_tree",
+    "CHOICES", "FP32", "HALF", "PRESETS", "DynamicLossScale", "LayerPrecision", "LossScale",
+    "NoOpLossScale", "Policy", "PrecisionController", "PrecisionPlan", "Preset", "all_finite",
+    "check_policy", "compute_dtype", "controller_enabled", "dynamic_loss_scale", "get_policy",
+    "get_preset", "layer_dtype", "loss_scale_for", "module_path", "needs_loss_scaling",
+    "parse_policy", "select_tree",
 ]
 
 

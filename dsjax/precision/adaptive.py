@@ -28,9 +28,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsjax.nn.plan import HALF, PrecisionPlan
+from dsjax.precision.plan import HALF, PrecisionPlan
+from dsjax.precision.policy import get_policy, get_preset
 
 LayerStats = dict[str, dict[str, Any]]
+
+
+def controller_enabled(precision_config: Any) -> bool:
+  """Says whether the adaptive controller runs.
+
+  Args:
+    precision_config: the `precision` config section (`policy`, `adaptive`).
+
+  Returns:
+    `precision.adaptive` when set, else what the preset says (`Preset.adaptive`: on for
+    `mixed`, off for a policy string); never when the policy computes in float32, where
+    there is nothing to adapt.
+  """
+  policy = get_policy(precision_config.policy)
+  if policy.compute_dtype == jnp.float32:
+    return False
+  if precision_config.adaptive is None:
+    preset = get_preset(precision_config.policy)
+    return preset is not None and preset.adaptive
+  return bool(precision_config.adaptive)
 
 
 def collect_layer_stats(collection: Mapping[str, Any]) -> LayerStats:

@@ -3,8 +3,8 @@
 A `Policy` names three dtypes: `param_dtype` for the master weights (and so the optimizer
 state), `compute_dtype` for activations and matmul inputs, and `output_dtype` for what a
 model returns (float32 logits keep the softmax and the loss accurate). Policies are
-written as strings like `"p=f32,c=bf16,o=f32"`; `get_policy` also accepts the preset
-names in `PRESETS`.
+written as strings like `"p=f32,c=bf16,o=f32"`; `get_policy` also accepts the names of
+the `Preset`s in `PRESETS`, and `check_policy` says which policies a run can honour.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.errors import ConfigError
-
-PRESETS = ("fp32", "bf16", "fp16", "mixed")
 
 # Canonical short name first: `str(policy)` writes it.
 _DTYPE_NAMES = {
@@ -164,12 +162,55 @@ def parse_policy(text: str) -> Policy:
                    for name in ("param_dtype", "compute_dtype", "output_dtype")})
 
 
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A named precision setting (`--precision NAME`): its policy and what it turns on.
+
+  Every preset keeps float32 master weights and float32 outputs. Whether a run scales its
+  loss follows from the policy (`needs_loss_scaling`: float16 compute), not from the name.
+
+  Attributes:
+    name: what `--precision` and `precision.policy` call it.
+    policy: its policy string.
+    gpu_policy: its policy string on GPUs, where float16 is fast; None: `policy`.
+    adaptive: whether the per-layer precision controller runs when `precision.adaptive`
+      is None (`dsjax.precision.controller_enabled`).
+  """
+
+  name: str
+  policy: str
+  gpu_policy: str | None = None
+  adaptive: bool = False
+
+  def policy_on(self, platform: str | None = None) -> Policy:
+    """Returns the preset's policy on `platform` (`cpu`, `gpu`, `tpu`; None: the default
+    backend, asked only when the preset depends on it)."""
+    if self.gpu_policy is None:
+      return parse_policy(self.policy)
+    platform = (platform or jax.default_backend()).lower()
+    return parse_policy(self.gpu_policy if platform in ("gpu", "cuda", "rocm") else self.policy)
+
+
+# `mixed` computes in float16 on GPUs and bfloat16 elsewhere, since float16 is emulated on
+# CPUs and not fast on TPUs, and adapts the plan layer by layer.
+_PRESETS = {preset.name: preset for preset in (
+    Preset("fp32", "c=f32"), Preset("bf16", "c=bf16"), Preset("fp16", "c=f16"),
+    Preset("mixed", "c=bf16", gpu_policy="c=f16", adaptive=True))}
+PRESETS = tuple(_PRESETS)
+
+
+def get_preset(name: str) -> Preset | None:
+  """Returns the preset called `name`, or None when `name` is not a preset (a policy
+  string, say)."""
+  return _PRESETS.get(name)
+
+
 def get_policy(name: str, platform: str | None = None) -> Policy:
   """Returns the policy of a preset name or a policy string.
 
   Every preset keeps float32 master weights and float32 outputs: `fp32` computes in
   float32, `bf16` in bfloat16, `fp16` in float16, and `mixed` in float16 on GPUs and
-  bfloat16 elsewhere, since float16 is emulated on CPUs and not fast on TPUs.
+  bfloat16 elsewhere (see `Preset`).
 
   Args:
     name: one of PRESETS, or a string `parse_policy` accepts.
@@ -182,13 +223,43 @@ def get_policy(name: str, platform: str | None = None) -> Policy:
   Raises:
     ConfigError: `name` is neither a preset nor a valid policy string.
   """
-  if name == "mixed":
-    platform = (platform or jax.default_backend()).lower()
-    compute = "f16" if platform in ("gpu", "cuda", "rocm") else "bf16"
-    return parse_policy(f"c={compute}")
-  if name in PRESETS:
-    return parse_policy({"fp32": "c=f32", "bf16": "c=bf16", "fp16": "c=f16"}[name])
-  return parse_policy(name)
+  preset = get_preset(name)
+  return preset.policy_on(platform) if preset is not None else parse_policy(name)
+
+
+def check_policy(policy: Policy) -> list[str]:
+  """Says what in `policy` a run cannot honour, so that no policy trains other than it says.
+
+  The master weights (and the optimizer state, which follows them) are stored in
+  `param_dtype`, float32 or bfloat16; activations and matmul inputs are in
+  `compute_dtype`; models return float32.
+
+  Args:
+    policy: the parsed policy.
+
+  Returns:
+    One message per refused field, naming it and the fix; empty when all are honoured.
+  """
+  problems = []
+  for field in dataclasses.fields(policy):
+    if getattr(policy, field.name) == jnp.dtype(jnp.float64):
+      problems.append(
+          f"policy {policy}: {field.name} float64 is not supported (dsjax's layers "
+          "accumulate in float32, and JAX computes float32 unless jax_enable_x64 is set); "
+          "use f32")
+  if policy.param_dtype == jnp.dtype(jnp.float16):
+    problems.append(
+        f"policy {policy}: param_dtype float16 is not supported: gradients and the "
+        "optimizer state follow the parameters' dtype, so gradients below 6e-8 vanish "
+        "(loss scaling cannot help once they are unscaled into float16) and Adam's squared "
+        "gradients below 2e-4 underflow to 0; use p=f32, or p=bf16 for half-size master "
+        "weights")
+  if policy.output_dtype != jnp.dtype(jnp.float32):
+    problems.append(
+        f"policy {policy}: output_dtype {policy.output_dtype.name} is not supported: "
+        "models return float32 outputs, which the softmax and the loss need; drop o= "
+        "or write o=f32")
+  return problems
 
 
 def needs_loss_scaling(policy: Policy) -> bool:

@@ -1,9 +1,11 @@
-"""Per-layer precision plans: which layers compute in half precision, which in float32.
+"""Per-layer precision plans, and the one precision attribute a model hands its layers.
 
 A plan maps a layer's Flax module path ("encoder/layer_0/attention", the '/'-joined
-`module.scope.path`) to "half" or "fp32". Plans are immutable and hashable so a module
-can hold one as a dataclass field and still be a static `jax.jit` argument: two equal
-plans hit the same compilation cache entry.
+`module.scope.path`) to "half" or "fp32". A `LayerPrecision` bundles the run's compute
+dtype, the plan and the matmul implementation: models hold one and pass it to every
+`dsjax.nn` layer, which asks it for its dtype (`LayerPrecision.dtype`). Both are immutable
+and hashable so a module can hold them as dataclass fields and still be a static
+`jax.jit` argument: two equal plans hit the same compilation cache entry.
 """
 
 from __future__ import annotations
@@ -143,3 +145,36 @@ def layer_dtype(module: nn.Module, compute_dtype: Any,
   if plan is not None and plan.choice(module_path(module)) == FP32:
     return jnp.dtype(jnp.float32)
   return jnp.dtype(compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPrecision:
+  """How a model's layers compute: the one precision attribute models hand to layers.
+
+  The master-weight dtype is not here: parameters are created float32 and stored in the
+  policy's `param_dtype` by the train state (`dsjax.train.create_train_state`), so a
+  layer reads them in whatever dtype they are kept and casts them to its own.
+
+  Attributes:
+    compute_dtype: the run's half (or float32) compute dtype, the policy's
+      `compute_dtype`; normalised to a `numpy.dtype`.
+    plan: the per-layer plan; None: every layer computes in `compute_dtype`.
+    matmul_impl: how `dsjax.nn.Dense` layers multiply: "xla" (`lax.dot_general`) or
+      "pallas" (`pallas_kernels.matmul`, half inputs, float32 accumulation); other layers
+      ignore it.
+  """
+
+  compute_dtype: Any = jnp.float32
+  plan: PrecisionPlan | None = None
+  matmul_impl: str = "xla"
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+
+  def dtype(self, module: nn.Module) -> jnp.dtype:
+    """Returns the dtype the bound layer `module` computes in (see `layer_dtype`)."""
+    return layer_dtype(module, self.compute_dtype, self.plan)
+
+  def replace(self, **changes: Any) -> LayerPrecision:
+    """Returns a copy with `changes` (any of the attributes) applied."""
+    return dataclasses.replace(self, **changes)
