@@ -113,8 +113,7 @@ class Command:
   default_model: str = "cnn-digits"
 
 
-_NO_SEARCH_LOOP = ("the DNAS search has its own loop, which runs on one device without a "
-                   "mesh, gradient exchange or multi-process set-up")
+_SEARCH_FIX = "retrain the searched architecture with it in dsjax-train"
 TRAIN = Command(
     "dsjax-train", "Trains a registered model and evaluates it; writes checkpoints, "
     "metrics.jsonl, TensorBoard events, config.json and summary.json into --workdir. "
@@ -132,14 +131,15 @@ SEARCH = Command(
     "weights on train batches, architecture logits on validation batches; writes "
     "WORKDIR/architecture.json and probabilities.txt. Retrain the result with "
     "dsjax-train --architecture WORKDIR/architecture.json.",
-    ("config", "model", "precision", "batch-size", "steps", "seed", "workdir"),
-    {"gradient-accumulation": _NO_SEARCH_LOOP, "grad-compression": _NO_SEARCH_LOOP,
-     "mesh": _NO_SEARCH_LOOP, "coordinator": _NO_SEARCH_LOOP,
-     "num-processes": _NO_SEARCH_LOOP, "process-id": _NO_SEARCH_LOOP,
+    ("config", "model", "precision", "batch-size", "steps", "seed", "workdir", "mesh",
+     "coordinator", "num-processes", "process-id"),
+    {"gradient-accumulation": f"the search takes whole batches: {_SEARCH_FIX}",
+     "grad-compression": f"the search step exchanges its gradients densely: {_SEARCH_FIX}",
      "init-from": "a search starts its supernet from scratch",
      "architecture": "it retrains a searched network: use dsjax-train",
      "trace": "a jax.profiler trace is taken by dsjax-profile"},
-    "dsjax-search --model dnas-digits --steps 600 --workdir runs/search", "dnas-digits")
+    "dsjax-search --model dnas-digits --mesh data=4 --precision mixed --workdir runs/search",
+    "dnas-digits")
 _METAVARS = {"config": "FILE[:variant]", "model": "NAME", "precision": "{fp32,bf16,fp16,mixed}",
              "workdir": "DIR", "architecture": "FILE", "init-from": "DIR",
              "grad-compression": "SPEC", "mesh": "AXIS=SIZE,...", "coordinator": "HOST:PORT"}
@@ -387,7 +387,7 @@ def search_main(argv: Sequence[str] | None = None) -> None:
   """Entry point of `dsjax-search`: search a DNAS config, write WORKDIR/architecture.json."""
 
   def search(config):
-    from dsjax.nas.run import search_architecture  # Heavy: import after parsing.
+    from dsjax.train import search_architecture  # Heavy: import after parsing.
 
     summary = search_architecture(config, FLAGS.workdir)
     print((Path(FLAGS.workdir) / "probabilities.txt").read_text().rstrip())

@@ -288,6 +288,7 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   try:
     policy = precision.get_policy(config.precision.policy)
     precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
+    problems.extend(f"precision: {problem}" for problem in precision.check_policy(policy))
   except ConfigError as error:
     problems.append(f"precision: {error}")
   check(config.data.max_predictions >= -1,
@@ -302,18 +303,6 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
         f"mesh.num_devices must be >= 0 (0: all devices), got {config.mesh.num_devices}")
   check(config.parallel.delayed_update in (0, 1),
         f"parallel.delayed_update must be 0 or 1, got {config.parallel.delayed_update}")
-  try:
-    from dsjax.parallel import compression  # noqa: PLC0415 - imports jax.
-
-    compression.parse_compression(config.parallel.grad_compression)
-  except ConfigError as error:
-    problems.append(f"parallel.grad_compression: {error}")
-  try:
-    from dsjax.parallel import sharding  # noqa: PLC0415 - imports jax.
-
-    sharding.config_rules(config.parallel)
-  except ConfigError as error:
-    problems.append(str(error))
   check(config.parallel.pipeline_repeats >= 1,
         f"parallel.pipeline_repeats must be >= 1 (1: GPipe), got "
         f"{config.parallel.pipeline_repeats}")

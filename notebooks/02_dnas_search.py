@@ -18,7 +18,7 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dsjax/dsjax/blob/main/notebooks/02_dnas_search.ipynb)
 #
-# `dsjax.nas.run.search_architecture(config, workdir)` (the `dsjax-search` command) trains a
+# `dsjax.train.search_architecture(config, workdir)` (the `dsjax-search` command) trains a
 # supernet whose blocks mix every candidate op (conv and separable conv of each kernel
 # size, identity, zero), width (channel masks) and depth (keep/skip gates). Architecture
 # logits learn on one half of the training split while the weights learn on the other,
@@ -77,7 +77,7 @@ WORKDIR = "runs/dnas"
 
 # %%
 from dsjax import config as config_lib
-from dsjax.nas.run import search_architecture
+from dsjax.train import search_architecture
 
 config = config_lib.with_model_defaults(config_lib.base_config(), "dnas-digits")
 config.model.backbone.update(SPACE)

@@ -84,7 +84,7 @@ from dsjax import config as config_lib
 from dsjax.train import train_and_evaluate
 
 # The controller's decisions ("promoted conv1_0 to fp32 (relative error ...)").
-plan_log = logging.getLogger("dsjax.train.precision_plan")
+plan_log = logging.getLogger("dsjax.train.loop")
 plan_log.setLevel(logging.INFO)
 plan_log.addHandler(logging.StreamHandler(sys.stdout))
 plan_log.propagate = False

@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from dsjax.export import export  # noqa: E402
-from dsjax.nas.run import search_architecture  # noqa: E402
-from dsjax.train import train_and_evaluate  # noqa: E402
+from dsjax.train import (
+  search_architecture,  # noqa: E402
+  train_and_evaluate,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -220,13 +220,12 @@ def test_helpfull_adds_absls_flags():
 @pytest.mark.parametrize("module, args, expected", [
     ("dsjax.train", ["--trace"], "dsjax-train does not take --trace: a jax.profiler trace is "
      "taken by dsjax-profile"),
-    ("dsjax.nas", ["--mesh", "data=2"], "dsjax-search does not take --mesh: the DNAS search "
-     "has its own loop"),
+    ("dsjax.nas", ["--grad-compression", "topk:0.1"], "dsjax-search does not take "
+     "--grad-compression: the search step exchanges its gradients densely"),
     ("dsjax.nas", ["--init-from", "x"], "dsjax-search does not take --init-from"),
-    ("dsjax.nas", ["--precision", "mixed"], "precision.policy='mixed' needs loss scaling or "
-     "the per-layer precision controller, which the search loop lacks"),
-    ("dsjax.nas", ["--config.mesh.model=2"], "mesh pipe=1, data=-1, fsdp=1, model=2: the "
-     "search loop runs on one device"),
+    ("dsjax.nas", ["--config.train.grad_accum_steps=2"], "train.grad_accum_steps=2: the "
+     "search takes whole batches"),
+    ("dsjax.nas", ["--config.mesh.data=3"], "has 3 devices but there are 1"),
 ])
 def test_a_flag_that_cannot_act_is_refused(tmp_path, module, args, expected):
   result = subprocess.run([sys.executable, "-m", module, *args, "--workdir", str(tmp_path)],

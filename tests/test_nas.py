@@ -138,7 +138,7 @@ def test_weight_and_arch_updates_touch_only_their_own_trees():
 
   after_arch, metrics = arch_update(state, batch, batch, key)
   assert leaves_equal(after_arch.params, state.params)
-  assert leaves_equal(after_arch.weight_opt_state, state.weight_opt_state)
+  assert leaves_equal(after_arch.opt_state, state.opt_state)
   assert not leaves_equal(after_arch.arch, state.arch)
   assert np.isfinite(float(metrics["penalty"])) and float(metrics["expected_flops"]) > 1e3
 

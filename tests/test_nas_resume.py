@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dsjax.errors import CheckpointError
-from dsjax.nas.run import search_architecture
+from dsjax.train import search_architecture
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "digits_dnas.py"
 STEPS, STOP = 6, 3
@@ -36,6 +36,9 @@ def tiny_search_config():
   config.checkpoint.every_steps = STOP
   config.logging.tensorboard = False
   config.logging.progress_bar = False
+  # One device whatever the scope: the module-scoped `stopped` search is set up before the
+  # autouse one-device fixture, and a search now spans the mesh like training does.
+  config.mesh.num_devices = 1
   return config
 
 
@@ -77,7 +80,7 @@ def copy_of(stopped: Path, tmp_path: Path) -> Path:
 def test_resumed_search_equals_uninterrupted_search(stopped, tmp_path, caplog):
   straight = search_architecture(tiny_search_config(), tmp_path / "straight")
   resumed_dir = copy_of(stopped, tmp_path)
-  with caplog.at_level(logging.INFO, logger="dsjax.nas.run"):
+  with caplog.at_level(logging.INFO, logger="dsjax.train.loop"):
     resumed = search_architecture(tiny_search_config(), resumed_dir)
   # It went on from step 3 rather than starting over.
   assert f"resuming the search from step {STOP}" in caplog.messages

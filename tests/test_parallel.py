@@ -15,7 +15,7 @@ from dsjax.parallel import sharding
 from dsjax.parallel.compression import parse_compression
 from dsjax.train import Task, create_train_state, make_train_step
 from dsjax.train.optim import build_optimizer
-from dsjax.train.precision_plan import PlanRuntime
+from dsjax.train.step import StepCache
 
 TASK = Task("classification")
 
@@ -65,10 +65,9 @@ def _setup(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32, compressio
   mesh = mesh_lib.make_mesh(mesh_sizes, devices)
   rules = sharding.parse_rules()
   compression = compression and parse_compression(compression)
-  runtime = PlanRuntime(config.precision, lambda plan, dtype: model,
-                        lambda stats, density: make_train_step(
-                            TASK, accum, lr, grad_compression=compression), task=TASK,
-                        mesh=mesh, rules=rules)
+  runtime = StepCache(lambda stats, density: make_train_step(
+      TASK, accum, lr, grad_compression=compression), lambda dtype, plan: model, np.float32,
+      mesh, rules)
   with runtime.context():
     state = create_train_state(model, tx, dataset.input_shape, 0, mesh=mesh, rules=rules,
                                grad_compression=compression)
@@ -83,7 +82,7 @@ def _train(mesh_sizes, devices=None, steps=3, accum=1, batch_size=32, compressio
   for step in range(steps):
     batch = sharding.global_batch(batches.batch(step), sharding.batch_sharding(mesh),
                                   batch_size)
-    state, metrics = runtime.step(state, batch, jax.random.fold_in(state.rng, step))
+    state, metrics = runtime.run(state, batch, jax.random.fold_in(state.rng, step))
     losses.append(float(metrics["loss"]))
   if compression:
     return np.array(losses), jax.device_get(state.params), runtime.comm_bytes()
@@ -150,9 +149,8 @@ def _bert_losses(mesh_sizes, devices=None, steps=2):
   model = model.clone(num_stages=stages, num_microbatches=2 * stages)
   tx, lr = build_optimizer(config.optimizer, steps)
   rules = sharding.parse_rules()
-  runtime = PlanRuntime(config.precision, lambda plan, dtype: model,
-                        lambda stats, density: make_train_step(task, 1, lr), task=task,
-                        mesh=mesh, rules=rules)
+  runtime = StepCache(lambda stats, density: make_train_step(task, 1, lr),
+                      lambda dtype, plan: model, np.float32, mesh, rules)
   with runtime.context():
     state = create_train_state(model, tx, task.example_batch(dataset.splits["train"]), 0,
                                task=task, mesh=mesh, rules=rules)
@@ -160,7 +158,7 @@ def _bert_losses(mesh_sizes, devices=None, steps=2):
   losses = []
   for step in range(steps):
     batch = sharding.global_batch(batches.batch(step), sharding.batch_sharding(mesh), 16)
-    state, metrics = runtime.step(state, batch, jax.random.fold_in(state.rng, step))
+    state, metrics = runtime.run(state, batch, jax.random.fold_in(state.rng, step))
     losses.append(float(metrics["loss"]))
   return np.array(losses), state.params
 
@@ -222,15 +220,14 @@ def test_resnet_with_batch_norm_trains_the_same_with_channels_on_model():
   def train(mesh_sizes, devices=None):
     mesh = mesh_lib.make_mesh(mesh_sizes, devices)
     rules = sharding.parse_rules()
-    runtime = PlanRuntime(config.precision, lambda plan, dtype: model,
-                          lambda stats, density: make_train_step(TASK, 1, lr), task=TASK,
-                          mesh=mesh, rules=rules)
+    runtime = StepCache(lambda stats, density: make_train_step(TASK, 1, lr),
+                        lambda dtype, plan: model, np.float32, mesh, rules)
     with runtime.context():
       state = create_train_state(model, tx, (8, 8, 3), 0, mesh=mesh, rules=rules)
     losses = []
     for step in range(2):
       sharded = sharding.global_batch(batch, sharding.batch_sharding(mesh), 8)
-      state, metrics = runtime.step(state, sharded, jax.random.fold_in(state.rng, step))
+      state, metrics = runtime.run(state, sharded, jax.random.fold_in(state.rng, step))
       losses.append(float(metrics["loss"]))
     return state, np.array(losses)
 
@@ -247,22 +244,23 @@ def test_resnet_with_batch_norm_trains_the_same_with_channels_on_model():
 
 def test_circular_pipeline_config():
   """`parallel.pipeline_repeats` reaches the model; repeats that do not divide the layers
-  per stage, or fewer microbatches than stages, stop with one clear error."""
-  from dsjax.train import loop
+  per stage, or fewer microbatches than stages, stop with one clear error from `resolve`,
+  before any data loads."""
+  from dsjax.train import resolve
 
   config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
   config.model.num_layers, config.train.batch_size = 4, 8
-  spec = models.get_spec("bert-tiny")
-  mesh = mesh_lib.make_mesh({"pipe": 2}, jax.devices()[:2])
+  config.mesh.pipe, config.mesh.data = 2, 1
+  devices = jax.devices()[:2]
   config.parallel.pipeline_repeats = 3
   with pytest.raises(ConfigError, match="does not split into mesh pipe=2 stages x "
                      "parallel.pipeline_repeats=3"):
-    loop._pipelined_builder(spec, config, mesh)
+    resolve(config, devices)
   config.parallel.pipeline_repeats, config.parallel.microbatches = 2, 1
   with pytest.raises(ConfigError, match="needs parallel.microbatches >= mesh pipe=2, got 1"):
-    loop._pipelined_builder(spec, config, mesh)
+    resolve(config, devices)
   config.parallel.microbatches = 2
-  model = loop._pipelined_builder(spec, config, mesh)(config.model, 64, np.float32)
+  model = resolve(config, devices).build_model(64, np.float32)
   assert (model.num_stages, model.num_microbatches, model.num_repeats) == (2, 2, 2)
   config.parallel.pipeline_repeats = 0
   with pytest.raises(ConfigError, match="parallel.pipeline_repeats must be >= 1"):

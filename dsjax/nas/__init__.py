@@ -5,6 +5,18 @@ The supernet itself is a model (`dsjax.models.supernet`); this package does not 
 the model zoo, so models may import it.
 """
 
+from dsjax.nas.bilevel import (
+    SearchState,
+    arch_gradient,
+    arch_optimizer,
+    classification_loss,
+    create_search_state,
+    make_arch_update,
+    make_search_step,
+    make_weight_update,
+    regression_loss,
+    supernet_forward,
+)
 from dsjax.nas.cost import (
     exact_cost,
     expected_cost,
@@ -25,17 +37,6 @@ from dsjax.nas.derivation import (
     validate_architecture,
 )
 from dsjax.nas.relaxation import RELAXATIONS, relax
-from dsjax.nas.search import (
-    SearchState,
-    arch_gradient,
-    arch_optimizer,
-    classification_loss,
-    create_search_state,
-    make_arch_update,
-    make_search_step,
-    make_weight_update,
-    regression_loss,
-)
 from dsjax.nas.space import OPS, SearchSpace, from_config
 
 __all__ = [
@@ -67,5 +68,6 @@ __all__ = [
     "relax",
     "resource_penalty",
     "save_architecture",
+    "supernet_forward",
     "validate_architecture",
 ]

@@ -9,6 +9,7 @@ in the folder is deleted or overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -117,12 +118,19 @@ class Checkpointer:
     return CheckpointError(f"saving checkpoint {step} into {self.directory} failed "
                            f"({_first_line(_root_cause(error))}); {kept}")
 
-  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+  def restore(self, step: int, target: Any, *, aliases: Mapping[str, str] | None = None,
+              fresh_if_missing: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
     """Restores the checkpoint at `step` into the structure, shapes and dtypes of `target`.
+
+    A field of the state that is None in `target` and absent from the checkpoint (one
+    written before the field existed, e.g. `arch` of a train run) stays None.
 
     Args:
       step: a step from `latest_step()`.
       target: a train state (or its `jax.eval_shape`) the checkpoint must match.
+      aliases: field -> the name an older checkpoint saved it under (read when the field
+        itself is absent), e.g. `{"opt_state": "weight_opt_state"}`.
+      fresh_if_missing: fields that take `target`'s values when the checkpoint has none.
 
     Returns:
       `(state, host_state)`.
@@ -133,12 +141,14 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     saved = abstract if self._layout is None else self._layout.scan_abstract(abstract)
     folder = self.directory / str(step)
+    saved, rebuild = self._saved_form(step, saved, aliases or {}, fresh_if_missing)
     self._check_shapes(step, saved)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(saved), host=ocp.args.JsonRestore()))
       state, host_state = restored["state"], restored["host"]
       _check_match(state, saved)
+      state = rebuild(state, target)
       if self._layout is not None:
         state = self._convert(self._layout.from_scan, state, abstract)
     except CheckpointError:
@@ -150,6 +160,58 @@ class Checkpointer:
           "resume from an earlier checkpoint, or use a new --workdir") from error
     log.info("restored checkpoint %s", folder)
     return state, host_state
+
+  def _saved_form(self, step: int, abstract: Any, aliases: Mapping[str, str],
+                  fresh: Sequence[str]) -> tuple[Any, Any]:
+    """The restore target in the checkpoint's own top-level fields, and
+    `rebuild(restored, target) -> state` back to `abstract`'s form.
+
+    A state whose fields all appear in the checkpoint restores as it is.
+    """
+    names = self._saved_fields(step)
+    if names is None or not dataclasses.is_dataclass(abstract):
+      return abstract, lambda restored, target: restored
+    fields = [f.name for f in dataclasses.fields(abstract) if f.metadata.get("pytree_node", True)]
+    if set(fields) == names:
+      return abstract, lambda restored, target: restored
+    form, sources, kept = {}, {}, []
+    for name in fields:
+      value = getattr(abstract, name)
+      source = name if name in names else aliases.get(name)
+      if source in names:
+        form[source], sources[name] = value, source
+      elif value is None or name in fresh:
+        kept.append(name)
+      else:
+        raise CheckpointError(
+            f"checkpoint {self.directory / str(step)} has no {name!r}: it was written by a "
+            "different program (or version) than this run's. It was left untouched: use a "
+            "new --workdir, or resume with the original command")
+
+    def rebuild(restored: dict[str, Any], target: Any) -> Any:
+      values = {name: restored[source] for name, source in sources.items()}
+      values.update({name: getattr(target, name) for name in kept})
+      return target.replace(**values)
+
+    return form, rebuild
+
+  def _saved_fields(self, step: int) -> set[str] | None:
+    """The top-level fields of the saved state, from its metadata (None: unreadable)."""
+    tree = self._saved_metadata(step)
+    return set(tree) if isinstance(tree, Mapping) else None
+
+  def _saved_metadata(self, step: int) -> Any:
+    absl_log = logging.getLogger("absl")  # Orbax warns about missing metadata files.
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+      saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+      saved = getattr(saved, "item_metadata", saved)
+      return getattr(saved, "tree", saved)
+    except Exception:  # noqa: BLE001 - no usable metadata: the restore decides.
+      return None
+    finally:
+      absl_log.setLevel(level)
 
   def _convert(self, convert: Any, state: Any, target: Any) -> Any:
     """`convert(state)` under jit, into `target`'s shardings; compiled once per layout of
@@ -167,18 +229,14 @@ class Checkpointer:
     reads pending. Compares the multisets of shapes (structure and dtypes are checked by
     the restore itself); unreadable metadata is left to the restore to report.
     """
-    absl_log = logging.getLogger("absl")  # Orbax warns about missing metadata files.
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
+    tree = self._saved_metadata(step)
+    if tree is None:
+      return
     try:
-      saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
-      saved = getattr(saved, "item_metadata", saved)
-      leaves = jax.tree.leaves(getattr(saved, "tree", saved))
+      leaves = jax.tree.leaves(tree)
       saved_shapes = sorted(tuple(leaf.shape) for leaf in leaves)
     except Exception:  # noqa: BLE001 - no usable metadata: the restore decides.
       return
-    finally:
-      absl_log.setLevel(level)
     if leaves and saved_shapes != sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(abstract)):
       raise CheckpointError(
           f"checkpoint {self.directory / str(step)} cannot be restored: its arrays have "

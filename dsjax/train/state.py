@@ -1,4 +1,5 @@
-"""Train state: step, float32 master params, model state, optimizer state, root rng."""
+"""Train state: step, float32 master params, model state, optimizer state, root rng, and
+(when searching) the architecture logits with their optimizer state."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class TrainState:
 
   Attributes:
     step: optimizer steps taken so far.
-    params: float32 master weights.
+    params: master weights, in the policy's `param_dtype` (float32 unless `p=bf16`).
     model_state: non-trainable variables (e.g. `batch_stats`); `{}` when the model has none.
     opt_state: optax state.
     rng: root PRNG key (raw uint32); step `s` uses `fold_in(rng, s)`, so a resumed run
@@ -34,8 +35,12 @@ class TrainState:
       residuals; `dsjax.parallel.compression`), leading axis on `data`; None when dense.
     pending_grads: delayed update: the exchanged gradient the next step applies; None
       when updates are synchronous.
+    arch: a DNAS search's `arch` collection (architecture logits), sharded and
+      checkpointed like the rest; None outside a search.
+    arch_opt_state: the state of `arch_tx`; None outside a search.
     apply_fn: the model's apply function (static).
     tx: the optimizer (static).
+    arch_tx: the architecture optimizer of a search (static); None otherwise.
   """
 
   step: jax.Array
@@ -48,6 +53,9 @@ class TrainState:
   pending_grads: Any
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  arch: Any = None
+  arch_opt_state: Any = None
+  arch_tx: optax.GradientTransformation | None = struct.field(pytree_node=False, default=None)
 
   def apply_gradients(self, grads: Any, model_state: Any) -> tuple[TrainState, Any]:
     """Returns the state after one optimizer update, and the update itself."""
@@ -64,7 +72,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        task: Task | None = None, mesh: jax.sharding.Mesh | None = None,
                        rules: Any = (),
                        grad_compression: compression_lib.Compression | None = None,
-                       delayed_update: bool = False) -> TrainState:
+                       delayed_update: bool = False,
+                       arch_tx: optax.GradientTransformation | None = None,
+                       policy: precision.Policy | None = None) -> TrainState:
   """Initialises a fresh train state, born sharded when a mesh is given.
 
   Args:
@@ -81,9 +91,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     grad_compression: set up the per-replica error-feedback state of compressed gradient
       exchange (one slice per `data` replica of the mesh).
     delayed_update: set up the in-flight gradient of delayed updates (zeros).
+    arch_tx: a DNAS search: the model's `arch` collection becomes the state's `arch`,
+      optimized by `arch_tx` (the model must create one).
+    policy: the precision policy; the params, and with them the optimizer state, are kept
+      in its `param_dtype` (float32 when None).
 
   Returns:
-    A TrainState at step 0 with float32 params.
+    A TrainState at step 0, its params in the policy's `param_dtype`.
   """
   task = task or Task("classification")
   if isinstance(inputs, Mapping):
@@ -96,6 +110,14 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     variables = dict(model.init({"params": init_rng, "dropout": init_rng}, *args, train=False,
                                 **kwargs))
     params = variables.pop("params")
+    if policy is not None:  # Created float32, kept in param_dtype (bfloat16: half the bytes).
+      params = policy.cast_to_param(params)
+    arch = arch_opt_state = None
+    if arch_tx is not None:
+      arch = variables.pop("arch", None)
+      if not arch:
+        raise ValueError("the model created no 'arch' collection; is it a discrete network?")
+      arch_opt_state = arch_tx.init(arch)
     grad_sync = pending = None
     if grad_compression is not None:
       replicas = mesh.shape["data"] if mesh is not None else 1
@@ -108,7 +130,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                        opt_state=tx.init(params), rng=train_rng,
                        loss_scale=loss_scale or precision.NoOpLossScale(),
-                       grad_sync=grad_sync, pending_grads=pending, apply_fn=model.apply, tx=tx)
+                       grad_sync=grad_sync, pending_grads=pending, apply_fn=model.apply, tx=tx,
+                       arch=arch, arch_opt_state=arch_opt_state, arch_tx=arch_tx)
     # Logical-axis boxes serve only to derive shardings; the state holds plain arrays.
     return nn.meta.unbox(state) if unbox else state
 

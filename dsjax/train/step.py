@@ -1,14 +1,22 @@
-"""The one jitted training step, and the evaluation step.
+"""The step builders, the step cache that jits them, and the evaluation step.
 
-`train_step(state, batch, rng) -> (state, metrics)` is pure: gradient accumulation over
-K micro-batches runs inside it as a `lax.scan`, so the optimizer sees the mean gradient
-of the whole batch, equal to one big-batch step up to float rounding.
+Two builders make `step(state, batch, rng) -> (state, metrics)`, both pure:
+- `make_train_step`: the weight step. Gradient accumulation over K micro-batches runs
+  inside it as a `lax.scan`, so the optimizer sees the mean gradient of the whole batch,
+  equal to one big-batch step up to float rounding.
+- `make_search_step`: DNAS's bilevel step (`dsjax.nas.bilevel`) on the run's task: the
+  architecture on a validation batch, then the weights on a training batch
+  (`batch = {"train": ..., "val": ...}`).
+
+`StepCache` jits them: one compiled step per (precision plan, statistics, density), with
+the state donated and explicit shardings, compiled on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import flax.linen as nn
@@ -16,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsjax import precision
+from dsjax import measure, nas, precision
 from dsjax.nn import STATS, save_half_residuals
 from dsjax.parallel import compression as compression_lib
+from dsjax.parallel import sharding
 from dsjax.precision import adaptive
 from dsjax.train.state import TrainState
 from dsjax.train.tasks import Task
@@ -287,3 +296,188 @@ def make_eval_step(task: Task) -> Callable[..., Metrics]:
     return sums
 
   return eval_step
+
+
+def make_search_step(task: Task, *, order: int, unroll_lr: float, warmup_steps: int,
+                     temperature_fn: optax.Schedule, aux_skip_fn: optax.Schedule | None,
+                     arch_penalty_fn: Callable[[Any], tuple[jax.Array, Metrics]],
+                     collect_stats: bool = False, half_residuals: bool = False
+                     ) -> Callable[..., tuple[TrainState, Metrics]]:
+  """Builds the bilevel search step on the run's task (see `dsjax.nas.make_search_step`).
+
+  The supernet is scored by `task` as the weight step scores a model (its loss is the mean
+  over the scored units); the state's loss scale scales both losses. Randomness: the step
+  folds `rng` with its own counter, so the loop passes the same key every step.
+
+  Args:
+    task: what the supernet is trained for.
+    order: 1 (first-order DARTS) or 2 (unrolled, exact Hessian-vector product).
+    unroll_lr: xi of the second-order step.
+    warmup_steps: steps that train the weights only.
+    temperature_fn: step -> relaxation temperature.
+    aux_skip_fn: step -> DARTS- auxiliary skip weight; None: none.
+    arch_penalty_fn: `arch -> (penalty, metrics)` (`dsjax.nas.make_arch_penalty`).
+    collect_stats: also return the layers' precision statistics of the weight forward
+      pass as `metrics["precision_stats"]` (for the adaptive precision controller).
+    half_residuals: keep only half-precision values for the backward passes.
+
+  Returns:
+    `search_step(state, {"train": batch, "val": batch}, rng) -> (state, metrics)`.
+  """
+
+  def forward(state, params, arch, batch, rng, temperature, aux_skip):
+    def run(params, arch):
+      prepared = task.prepare(batch, jax.random.fold_in(rng, 2), train=True)
+      args, kwargs = task.model_args(prepared)
+      variables = {"params": params, "arch": arch, **state.model_state}
+      mutable = list(state.model_state) + ([STATS] if collect_stats else [])
+      rngs = {"dropout": jax.random.fold_in(rng, 0), "gumbel": jax.random.fold_in(rng, 1)}
+      call = functools.partial(state.apply_fn, variables, *args, train=True,
+                               temperature=temperature, aux_skip=aux_skip, rngs=rngs, **kwargs)
+      outputs, mutated = call(mutable=mutable) if mutable else (call(), {})
+      mutated = dict(mutated)
+      stats = adaptive.collect_layer_stats(mutated.pop(STATS, {}))
+      scores = task.score(outputs, prepared)
+      weight = jnp.maximum(jnp.sum(scores["weight"]), 1.0)
+      metrics = {"accuracy": jnp.sum(scores["correct"]) / weight}
+      if collect_stats:
+        metrics["precision_stats"] = stats
+      return jnp.sum(scores["loss"]) / weight, (mutated, metrics)
+
+    if half_residuals:
+      run = jax.checkpoint(run, policy=save_half_residuals)
+    return run(params, arch)
+
+  search_step = nas.make_search_step(
+      order=order, unroll_lr=unroll_lr, warmup_steps=warmup_steps,
+      temperature_fn=temperature_fn, aux_skip_fn=aux_skip_fn, arch_penalty_fn=arch_penalty_fn,
+      forward=forward)
+
+  def step(state: TrainState, batch: dict[str, Batch], rng: jax.Array):
+    return search_step(state, batch["train"], batch["val"], rng)
+
+  return step
+
+
+class StepCache:
+  """The compiled steps of a run: one per (precision plan, statistics, density) key.
+
+  Every step is jitted with explicit shardings: the state keeps the shardings it was
+  created (or restored) with, the batch is split over the mesh's batch axes, the metrics
+  are replicated, the state is donated; tracing sees the mesh and the logical axis rules.
+  A key seen before costs nothing; a new one compiles once.
+
+  Args:
+    make_step: `make_step(collect_stats, density) -> step(state, batch, rng)`.
+    build_model: `build_model(compute_dtype, plan) -> module`.
+    compute_dtype: the policy's compute dtype.
+    mesh: the device mesh.
+    rules: logical -> mesh axis rules.
+  """
+
+  def __init__(self, make_step: Callable[[bool, float | None], Callable[..., Any]],
+               build_model: Callable[[Any, Any], nn.Module], compute_dtype: Any,
+               mesh: jax.sharding.Mesh, rules: Any):
+    self._make_step = make_step
+    self._build_model = build_model
+    self.compute_dtype = compute_dtype
+    self.mesh, self.rules = mesh, rules
+    self._models: dict[Hashable, nn.Module] = {}
+    self._compiled: dict[tuple[Hashable, bool, float | None], Any] = {}
+    self._comm_bytes: dict[int, int] = {}
+    self.last: Any = None  # The compiled step that ran last.
+
+  def context(self) -> contextlib.AbstractContextManager:
+    """The mesh and logical axis rules, for tracing anything that runs on the mesh."""
+    return sharding.context(self.mesh, self.rules)
+
+  def model(self, plan: Hashable = None) -> nn.Module:
+    """The model under `plan` (built once per plan)."""
+    if plan not in self._models:
+      self._models[plan] = self._build_model(self.compute_dtype, plan)
+    return self._models[plan]
+
+  def build_fp32(self) -> nn.Module:
+    """The model in float32 with no plan (the precision probe's reference)."""
+    return self._build_model(jnp.float32, None)
+
+  def bind(self, state: TrainState, plan: Hashable = None) -> TrainState:
+    """Points the state's `apply_fn` at `plan`'s model."""
+    return state.replace(apply_fn=self.model(plan).apply)
+
+  def compile(self, state: TrainState, batch: Any, rng: jax.Array, *, plan: Hashable = None,
+              collect_stats: bool = False, density: float | None = None) -> Any:
+    """The compiled step for this key (compiling it on first use), for `state` bound to
+    `plan`'s model; also for cost and memory analysis ahead of the loop."""
+    key = (plan, collect_stats, density)
+    if key not in self._compiled:
+      replicated = sharding.replicated(self.mesh)
+      state_shardings = jax.tree.map(lambda x: getattr(x, "sharding", replicated), state)
+      batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch)
+      jitted = jax.jit(self._make_step(collect_stats, density),
+                       in_shardings=(state_shardings, batch_shardings, replicated),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+      with self.context():
+        self._compiled[key] = jitted.lower(state, batch, rng).compile()
+    return self._compiled[key]
+
+  def run(self, state: TrainState, batch: Any, rng: jax.Array, *, plan: Hashable = None,
+          collect_stats: bool = False, density: float | None = None) -> tuple[TrainState, Any]:
+    """Runs one step (`state` must be bound to `plan`'s model)."""
+    rng = jax.device_put(rng, sharding.replicated(self.mesh))
+    self.last = self.compile(state, batch, rng, plan=plan, collect_stats=collect_stats,
+                             density=density)
+    return self.last(state, batch, rng)
+
+  def flops(self) -> float:
+    """XLA's FLOPs of the step that ran last (or of the first compiled; 0 before any)."""
+    compiled = self.last or next(iter(self._compiled.values()), None)
+    return measure.compiled_flops(compiled) if compiled is not None else 0.0
+
+  def comm_bytes(self) -> int:
+    """Bytes the collectives of the step that ran last move (from its compiled HLO)."""
+    if self.last is None:
+      return 0
+    if id(self.last) not in self._comm_bytes:
+      self._comm_bytes[id(self.last)] = int(measure.collective_bytes(self.last)["total"])
+    return self._comm_bytes[id(self.last)]
+
+
+def make_error_probe(task: Task, half_model: nn.Module, fp32_model: nn.Module,
+                     mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """Jitted per-layer relative error of `half_model` against `fp32_model` on one batch
+  (eval mode), for the precision controller.
+
+  Returns:
+    `probe(state, batch) -> {layer path: relative error}`, replicated.
+  """
+
+  def probe(state: TrainState, batch: Batch):
+    variables = {"params": state.params, **state.model_state}
+    if state.arch is not None:
+      variables["arch"] = state.arch
+    batch = task.prepare(batch, jax.random.PRNGKey(0), train=False)
+    args, kwargs = task.model_args(batch)
+    outputs = []
+    for model in (half_model, fp32_model):
+      _, captured = model.apply(variables, *args, train=False, **kwargs,
+                                capture_intermediates=True, mutable=["intermediates"])
+      outputs.append(captured["intermediates"])
+    return adaptive.relative_errors(*outputs)
+
+  return jax.jit(probe, out_shardings=sharding.replicated(mesh))
+
+
+def dense_exchange_bytes(params: Any, mesh: jax.sharding.Mesh) -> int:
+  """Bytes XLA's dense data-parallel all-reduce of `params`-shaped float32 gradients moves.
+
+  Read from a compiled program that does only that exchange (the mean of per-replica
+  gradients over `data`), not from a second compile of the whole step.
+  """
+  per_replica = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicas = mesh.shape["data"]
+  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((replicas, *x.shape), jnp.float32,
+                                                        sharding=per_replica), params)
+  exchange = jax.jit(lambda grads: jax.tree.map(lambda g: jnp.mean(g, axis=0), grads),
+                     out_shardings=sharding.replicated(mesh))
+  return int(measure.collective_bytes(exchange.lower(stacked).compile())["total"])
