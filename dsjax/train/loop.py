@@ -381,7 +381,8 @@ def start_loop(plan: RunPlan, workdir: Path, program: Program, state: TrainState
       iterator.set_state(host_state[key])
     precision_control.load_state_dict(host_state.get("precision"))
     state = cache.bind(state, precision_control.plan)
-    log.info("resuming %s from step %d", "the search" if plan.search else "training", latest)
+    log.info("resuming the search from step %d" if plan.search else "resuming from step %d",
+             latest)
   start = int(state.step)
   end = plan.steps if stop_after is None else min(stop_after, plan.steps)
   if distributed.is_primary():
