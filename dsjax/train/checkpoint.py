@@ -141,8 +141,9 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     saved = abstract if self._layout is None else self._layout.scan_abstract(abstract)
     folder = self.directory / str(step)
-    saved, rebuild = self._saved_form(step, saved, aliases or {}, fresh_if_missing)
-    self._check_shapes(step, saved)
+    metadata = self._saved_metadata(step)  # Read once: the form and the shape check use it.
+    saved, rebuild = self._saved_form(step, metadata, saved, aliases or {}, fresh_if_missing)
+    self._check_shapes(step, metadata, saved)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(saved), host=ocp.args.JsonRestore()))
@@ -161,14 +162,14 @@ class Checkpointer:
     log.info("restored checkpoint %s", folder)
     return state, host_state
 
-  def _saved_form(self, step: int, abstract: Any, aliases: Mapping[str, str],
+  def _saved_form(self, step: int, metadata: Any, abstract: Any, aliases: Mapping[str, str],
                   fresh: Sequence[str]) -> tuple[Any, Any]:
     """The restore target in the checkpoint's own top-level fields, and
     `rebuild(restored, target) -> state` back to `abstract`'s form.
 
     A state whose fields all appear in the checkpoint restores as it is.
     """
-    names = self._saved_fields(step)
+    names = set(metadata) if isinstance(metadata, Mapping) else None
     if names is None or not dataclasses.is_dataclass(abstract):
       return abstract, lambda restored, target: restored
     fields = [f.name for f in dataclasses.fields(abstract) if f.metadata.get("pytree_node", True)]
@@ -195,12 +196,8 @@ class Checkpointer:
 
     return form, rebuild
 
-  def _saved_fields(self, step: int) -> set[str] | None:
-    """The top-level fields of the saved state, from its metadata (None: unreadable)."""
-    tree = self._saved_metadata(step)
-    return set(tree) if isinstance(tree, Mapping) else None
-
   def _saved_metadata(self, step: int) -> Any:
+    """The saved state's metadata tree (None: unreadable; the restore then decides)."""
     absl_log = logging.getLogger("absl")  # Orbax warns about missing metadata files.
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
@@ -222,14 +219,13 @@ class Checkpointer:
       self._conversions[key] = jax.jit(convert, out_shardings=shardings)
     return self._conversions[key](state)
 
-  def _check_shapes(self, step: int, abstract: Any) -> None:
+  def _check_shapes(self, step: int, tree: Any, abstract: Any) -> None:
     """Refuses a checkpoint whose array shapes differ from `abstract`'s, from its metadata.
 
     Checked before reading any array: a restore that fails half-way leaves orbax's other
     reads pending. Compares the multisets of shapes (structure and dtypes are checked by
-    the restore itself); unreadable metadata is left to the restore to report.
+    the restore itself); unreadable metadata (`tree` None) is left to the restore.
     """
-    tree = self._saved_metadata(step)
     if tree is None:
       return
     try:
