@@ -190,11 +190,11 @@ def bare_train_step(loss: Callable[..., jax.Array], tx: optax.GradientTransforma
 
 # ====================================================================== the dsjax step
 
-from dsjax import config as config_lib  # noqa: E402
-from dsjax import data, models, precision  # noqa: E402
-from dsjax.parallel import mesh as parallel_mesh  # noqa: E402
+from dsjax import data, precision  # noqa: E402
 from dsjax.parallel import sharding  # noqa: E402
-from dsjax.train import optim, precision_plan, step, tasks  # noqa: E402
+from dsjax.train import loop as loop_lib  # noqa: E402
+from dsjax.train import optim, step, tasks  # noqa: E402
+from dsjax.train.resolve import resolve  # noqa: E402
 from dsjax.train.state import create_train_state  # noqa: E402
 
 CONFIG_FILES = {"cnn-digits": ("digits_cnn", None), "bert-tiny": ("bert_tiny", None),
@@ -287,8 +287,9 @@ ABLATIONS = {
 
 def dsjax_side(name: str, preset: str, args: argparse.Namespace, dataset: Any,
                overrides: dict[str, Any], batches: list[dict[str, np.ndarray]]) -> tuple[Side, Any]:
-  """dsjax's step as `train_and_evaluate` builds and calls it (PlanRuntime, donated state,
-  explicit shardings, the controller's check steps), on one device.
+  """dsjax's step as `train_and_evaluate` builds and calls it (the resolved plan, the step
+  cache's donated state and explicit shardings, the controller's check steps), on one
+  device.
 
   Returns:
     The side, and `prepared(i)`: step i's batch as dsjax's step prepares it on device.
@@ -305,31 +306,27 @@ def dsjax_side(name: str, preset: str, args: argparse.Namespace, dataset: Any,
       section, field = key.split(".")
       if field in config[section]:
         config[section][field] = value
-  config_lib.validate(config)
-  spec = models.get_spec(config.model.name)
-  task = tasks.make_task(spec.task, config.data, dataset.metadata)
+  plan = resolve(config, jax.devices()[:1])
+  config, mesh = plan.config, plan.mesh
+  task = tasks.make_task(plan.spec.task, config.data, dataset.metadata)
   tx, learning_rate_fn = optim.build_optimizer(config.optimizer, config.train.steps)
-  mesh = parallel_mesh.make_mesh(config.mesh, jax.devices()[:1])
-  rules = sharding.config_rules(config.parallel)
-  policy = precision.get_policy(preset)
 
   def make_step(collect_stats: bool, density: float | None):
     return step.make_train_step(task, 1, learning_rate_fn, collect_stats=collect_stats,
                                 half_residuals=config.precision.half_residuals,
                                 dropout_rng=config.train.dropout_rng)
 
-  plans = precision_plan.PlanRuntime(
-      config.precision, lambda plan, dtype: spec.build(config.model, dataset.num_classes,
-                                                       dtype, plan),
-      make_step, task=task, mesh=mesh, rules=rules)
-  if not donate:
-    plans.compile = functools.partial(_compile_undonated, plans)
-  loss_scale = precision.loss_scale_for(policy, **config.precision.loss_scale.to_dict())
+  cache = step.StepCache(make_step, functools.partial(plan.build_model, dataset.num_classes),
+                         plan.policy.compute_dtype, mesh, plan.rules, donate=donate)
+  control = loop_lib.PrecisionControl(plan, cache, task)
+  loss_scale = plan.loss_scale
   if preset == "mixed" and loss_scale_mode == "dynamic":
     loss_scale = precision.dynamic_loss_scale(**config.precision.loss_scale.to_dict())
-  with plans.context():
-    state = create_train_state(plans.model(), tx, task.example_batch(dataset.splits["train"]),
-                               config.seed, loss_scale, task=task, mesh=mesh, rules=rules)
+  with cache.context():
+    state = create_train_state(cache.model(control.plan), tx,
+                               task.example_batch(dataset.splits["train"]), config.seed,
+                               loss_scale, task=task, mesh=mesh, rules=plan.rules,
+                               policy=plan.policy)
   batch_sharding = sharding.batch_sharding(mesh)
   device_batches = [sharding.global_batch(b, batch_sharding, config.train.batch_size)
                     for b in batches]
@@ -341,46 +338,35 @@ def dsjax_side(name: str, preset: str, args: argparse.Namespace, dataset: Any,
     return prepare(device_batches[i % len(batches)], keys[i % len(batches)])
 
   holder = {"state": state}
-  stats_step = plans.collects(0)
 
   def run(i: int) -> jax.Array:  # The loop's body, less data loading and logging.
     batch = device_batches[i % len(batches)]
     rng = jax.random.fold_in(holder["state"].rng, i)
-    holder["state"], metrics = plans.step(holder["state"], batch, rng, i)
+    holder["state"], metrics = cache.run(holder["state"], batch, rng, plan=control.plan,
+                                         collect_stats=control.collects(i))
     loss = metrics["loss"]
-    holder["state"] = plans.after_step(i + 1, holder["state"], metrics, batch)
+    # What the loop's controller hook sees of the loop.
+    view = types.SimpleNamespace(step_metrics=metrics, done=i + 1, state=holder["state"],
+                                 probe_batch=lambda: batch)
+    control.observe(view)
+    holder["state"] = view.state
     return loss
 
-  with plans.context():
-    if stats_step:
-      plans.compile(state, device_batches[0], keys[0], collect_stats=True)
-    if not plans.collects_every_step():
-      plans.compile(state, device_batches[0], keys[0])
+  with cache.context():
+    if control.collects(0):
+      cache.compile(state, device_batches[0], keys[0], plan=control.plan, collect_stats=True)
+    if not control.collects_every_step():
+      cache.compile(state, device_batches[0], keys[0], plan=control.plan)
     eval_batch = prepared(0)
     args_, kwargs = task.model_args(eval_batch)
-    outputs = jax.jit(lambda p: plans.model().apply({"params": p, **state.model_state}, *args_,
-                                                    train=False, **kwargs))(state.params)
+    model = cache.model(control.plan)
+    outputs = jax.jit(lambda p: model.apply({"params": p, **state.model_state}, *args_,
+                                            train=False, **kwargs))(state.params)
     scores = task.score(outputs, eval_batch)
     eval_loss = float(jnp.sum(scores["loss"]) / jnp.maximum(jnp.sum(scores["weight"]), 1.0))
   side = Side(run, eval_loss, sum(x.size for x in jax.tree.leaves(state.params)),
               jax.tree.map(np.asarray, state.params), config)
   return side, prepared
-
-
-def _compile_undonated(plans: Any, state: Any, batch: Any, rng: Any, *,
-                       collect_stats: bool = False, density: float | None = None) -> Any:
-  """PlanRuntime.compile without `donate_argnums` (the no-donation ablation)."""
-  key = (plans.plan, collect_stats, density)
-  if key not in plans._compiled:
-    replicated = sharding.replicated(plans.mesh)
-    state_shardings = jax.tree.map(lambda x: getattr(x, "sharding", replicated), state)
-    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(plans.mesh), batch)
-    jitted = jax.jit(plans._make_step(collect_stats, density),
-                     in_shardings=(state_shardings, batch_shardings, replicated),
-                     out_shardings=(state_shardings, replicated))
-    with plans.context():
-      plans._compiled[key] = jitted.lower(state, batch, rng).compile()
-  return plans._compiled[key]
 
 
 def _bare_params(name: str, dsjax_params: Any) -> Any:

@@ -373,12 +373,14 @@ class StepCache:
     compute_dtype: the policy's compute dtype.
     mesh: the device mesh.
     rules: logical -> mesh axis rules.
+    donate: donate the state to the step (off only to measure what donation buys).
   """
 
   def __init__(self, make_step: Callable[[bool, float | None], Callable[..., Any]],
                build_model: Callable[[Any, Any], nn.Module], compute_dtype: Any,
-               mesh: jax.sharding.Mesh, rules: Any):
+               mesh: jax.sharding.Mesh, rules: Any, *, donate: bool = True):
     self._make_step = make_step
+    self._donate = (0,) if donate else ()
     self._build_model = build_model
     self.compute_dtype = compute_dtype
     self.mesh, self.rules = mesh, rules
@@ -416,7 +418,8 @@ class StepCache:
       batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch)
       jitted = jax.jit(self._make_step(collect_stats, density),
                        in_shardings=(state_shardings, batch_shardings, replicated),
-                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                       out_shardings=(state_shardings, replicated),
+                       donate_argnums=self._donate)
       with self.context():
         self._compiled[key] = jitted.lower(state, batch, rng).compile()
     return self._compiled[key]
