@@ -252,12 +252,13 @@ def test_configs_validate(name, arg):
   assert config.data.seq_len <= config.model.max_position
 
 
-@pytest.mark.slow
-def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
-  from test_checkpoint import final_state
+def init_from_config(tmp_path):
+  """The Hugging Face fixture copied with a 99-word vocab.txt, and a 1-step bert-tiny run
+  that starts from it with a learning rate too small to move the weights.
 
-  from dsjax.train import train_and_evaluate
-
+  Returns:
+    `(folder, config)`.
+  """
   folder = tmp_path / "hf"
   shutil.copytree(FIXTURE, folder)
   words = [f"w{i}" for i in range(99 - 5)]
@@ -269,6 +270,16 @@ def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
   config.train.steps, config.train.init_from = 1, str(folder)
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 1e-12
   config.optimizer.weight_decay = 0.0
+  return folder, config
+
+
+@pytest.mark.slow
+def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
+  from test_checkpoint import final_state
+
+  from dsjax.train import train_and_evaluate
+
+  folder, config = init_from_config(tmp_path)
   summary = train_and_evaluate(config, tmp_path / "run")
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["model"]["hidden"] == 32 and saved["data"]["vocab_file"].endswith("vocab.txt")

@@ -8,8 +8,6 @@ but float32 are refused by `dsjax.config.validate`, naming the field and the fix
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +20,6 @@ from dsjax import precision
 from dsjax.errors import ConfigError
 from dsjax.models import bert
 from dsjax.train import train_and_evaluate
-
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bert_tiny_hf"
 
 
 @pytest.mark.parametrize("policy", [*precision.PRESETS, "p=f32,c=bf16,o=f32", "p=bf16,c=bf16",
@@ -108,18 +104,10 @@ def test_bfloat16_master_weights_train_save_and_resume(policy, tmp_path):
 def test_pretrained_float32_weights_are_kept_in_bfloat16(tmp_path):
   """`--init-from` under `p=bf16`: the Hugging Face float32 weights, rounded once to
   bfloat16, are what training starts from."""
-  folder = tmp_path / "hf"
-  shutil.copytree(FIXTURE, folder)
-  words = [f"w{i}" for i in range(99 - 5)]
-  (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-                                               *words]) + "\n")
-  config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
-  config.data.seq_len, config.data.cache_dir = 32, str(tmp_path)
-  config_lib.make_tiny(config, batch_size=8)
+  from test_bert import init_from_config
+
+  folder, config = init_from_config(tmp_path)
   config.precision.policy = "p=bf16,c=bf16"
-  config.train.steps, config.train.init_from = 1, str(folder)
-  config.optimizer.name, config.optimizer.learning_rate = "sgd", 1e-12
-  config.optimizer.weight_decay = 0.0
   train_and_evaluate(config, tmp_path / "run")
   params = _saved_state(tmp_path / "run", 1)["params"]
   _, variables = bert.from_pretrained(folder)
