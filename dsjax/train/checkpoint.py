@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,8 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint path {self.directory} exists and is not a folder: "
                             "move it aside or use a new --workdir")
     logging.getLogger("absl").addFilter(_WRITER_FILTER)  # Adding it twice keeps one.
+    if jax.process_index() == 0:
+      _remove_partial_steps(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -270,6 +274,24 @@ def _complete_steps(directory: Path) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _remove_partial_steps(directory: Path, *, attempts: int = 50) -> None:
+  """Deletes the temporary folders of saves that never completed, before orbax opens the
+  folder (orbax would too, but in one pass). A save that failed earlier in this process
+  may still have array writes landing in its folder for a moment; one pass can then meet
+  a file that appears as its folder is removed (ENOTEMPTY), so this retries until the
+  folders stay gone."""
+  for _ in range(attempts):
+    partial = ([p for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+               if directory.is_dir() else [])
+    if not partial:
+      return
+    for path in partial:
+      shutil.rmtree(path, ignore_errors=True)
+    time.sleep(0.05)
+  raise CheckpointError(f"cannot remove the partial checkpoint folders {partial}: something "
+                        "keeps writing into them; stop the other run using this --workdir")
 
 
 def _root_cause(error: BaseException) -> BaseException:
