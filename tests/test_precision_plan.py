@@ -14,8 +14,7 @@ import pytest
 
 from dsjax import nn as dsnn
 from dsjax import precision
-from dsjax.nn import Conv, Dense
-from dsjax.nn.norm import BatchNorm
+from dsjax.nn import Dense
 from dsjax.precision import LayerPrecision, PrecisionPlan
 
 
@@ -77,11 +76,11 @@ def test_plan_as_static_field_shares_the_jit_cache():
   assert run._cache_size() == 2
 
 
-def test_plan_lives_in_precision_and_dsjax_nn_re_exports_it_for_the_supernet():
+def test_plan_lives_in_precision_only():
   from dsjax.precision import plan as plan_module  # noqa: PLC0415
 
-  assert precision.PrecisionPlan is plan_module.PrecisionPlan is dsnn.PrecisionPlan
-  assert precision.layer_dtype is dsnn.layer_dtype
+  assert precision.PrecisionPlan is plan_module.PrecisionPlan
+  assert not hasattr(dsnn, "PrecisionPlan") and not hasattr(dsnn, "layer_dtype")
   assert (precision.HALF, precision.FP32, precision.CHOICES) == ("half", "fp32", ("half", "fp32"))
   with pytest.raises(ImportError):
     __import__("dsjax.nn.plan")
@@ -119,21 +118,3 @@ def test_layer_precision_gives_each_layer_its_dtype_by_path():
   outputs = captured["intermediates"]
   assert outputs["first"]["__call__"][0].dtype == jnp.float16
   assert outputs["fc"]["__call__"][0].dtype == jnp.float32
-
-
-@pytest.mark.parametrize("make", [
-    lambda **kw: Dense(4, **kw), lambda **kw: Conv(4, (3, 3), **kw), lambda **kw: BatchNorm(**kw)],
-    ids=["Dense", "Conv", "BatchNorm"])
-def test_old_compute_dtype_and_plan_spelling_still_acts(make):
-  """Dense, Conv and BatchNorm still take `compute_dtype=`/`plan=` (models/supernet.py
-  passes them): the same outputs as the `precision=` spelling."""
-  x = _rand((2, 4, 4, 3))
-  kwargs = {"use_running_average": True} if make().__class__ is BatchNorm else {}
-  new = make(precision=LayerPrecision(jnp.bfloat16))
-  variables = new.init(jax.random.key(0), x, **kwargs)
-  old = make(compute_dtype=jnp.bfloat16)
-  out_new, out_old = new.apply(variables, x, **kwargs), old.apply(variables, x, **kwargs)
-  assert out_new.dtype == out_old.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(out_new, np.float32), np.asarray(out_old, np.float32))
-  promoted = make(compute_dtype=jnp.bfloat16, plan=PrecisionPlan().promote(""))
-  assert promoted.apply(variables, x, **kwargs).dtype == jnp.float32

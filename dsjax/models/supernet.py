@@ -38,6 +38,7 @@ from dsjax.nas import space as space_lib
 from dsjax.nas.derivation import choices_from_dict, load_architecture
 from dsjax.nas.ops import Op, fit_channels
 from dsjax.nas.space import BlockChoice, SearchSpace
+from dsjax.precision import LayerPrecision, PrecisionPlan
 
 ARCH = "arch"
 GUMBEL_RNG = "gumbel"
@@ -52,15 +53,14 @@ class SearchBlock(nn.Module):
     space: the search space.
     index: this block's position.
     relaxation: one of `dsjax.nas.relaxation.RELAXATIONS`.
-    compute_dtype: compute dtype; parameters stay float32.
-    plan: per-layer precision plan, or None.
+    precision: compute dtype and per-layer plan (`dsjax.precision.LayerPrecision`),
+      handed to every op; parameters stay float32.
   """
 
   space: SearchSpace
   index: int
   relaxation: str = "softmax"
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
+  precision: LayerPrecision = LayerPrecision()
 
   def _weights(self, name: str, size: int, train: bool, temperature: Any) -> jax.Array:
     logits = self.variable(ARCH, name, jnp.zeros, (size,), jnp.float32).value
@@ -77,8 +77,8 @@ class SearchBlock(nn.Module):
     channel_weights = self._weights("channel_logits", len(channels), train, temperature)
     y = jnp.zeros((), jnp.float32)
     for i, candidate in enumerate(candidates):
-      out = Op(candidate, width, stride, space.activation, self.compute_dtype, self.plan,
-               space.batch_norm, affine=False, name=candidate)(x, train)
+      out = Op(candidate, width, stride, space.activation, self.precision, space.batch_norm,
+               affine=False, name=candidate)(x, train)
       y = y + op_weights[i] * out.astype(jnp.float32)
     if stride == 1:
       # DARTS- auxiliary skip: a decaying identity path outside the mixture, so skip ops
@@ -89,7 +89,7 @@ class SearchBlock(nn.Module):
     if space.optional(self.index):
       keep = self._weights("depth_logits", 2, train, temperature)[1]
       y = keep * y + (1.0 - keep) * fit_channels(x, width).astype(jnp.float32)
-    return y.astype(dsnn.layer_dtype(self, self.compute_dtype, self.plan))
+    return y.astype(self.precision.dtype(self))
 
 
 class DiscreteBlock(nn.Module):
@@ -101,14 +101,13 @@ class DiscreteBlock(nn.Module):
   choice: BlockChoice
   stride: int = 1
   activation: str = "relu"
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
+  precision: LayerPrecision = LayerPrecision()
   batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return Op(self.choice.op, self.choice.channels, self.stride, self.activation,
-              self.compute_dtype, self.plan, self.batch_norm, name=self.choice.op)(x, train)
+              self.precision, self.batch_norm, name=self.choice.op)(x, train)
 
 
 class Supernet(nn.Module):
@@ -121,16 +120,15 @@ class Supernet(nn.Module):
     architecture: None for the supernet; one BlockChoice per block for the derived net.
       With `space.batch_norm` the supernet's BatchNorms (stem and ops) are affine-free, as
       in DARTS' search; the derived net's learn a per-channel scale and bias.
-    compute_dtype: compute dtype; parameters are always float32 (master weights).
-    plan: per-layer precision plan (`dsjax.nn.PrecisionPlan`), or None.
+    precision: compute dtype and per-layer plan (`dsjax.precision.LayerPrecision`), handed
+      to every layer; parameters are created float32 (master weights).
   """
 
   space: SearchSpace
   num_classes: int
   relaxation: str = "softmax"
   architecture: tuple[BlockChoice, ...] | None = None
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
+  precision: LayerPrecision = LayerPrecision()
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
@@ -148,26 +146,26 @@ class Supernet(nn.Module):
     if self.relaxation not in relax_lib.RELAXATIONS:
       raise ValueError(f"relaxation must be one of {relax_lib.RELAXATIONS}, "
                        f"got {self.relaxation!r}")
-    precision = {"compute_dtype": self.compute_dtype, "plan": self.plan}
+    precision = self.precision
     space, x = self.space, images
     if space.stem_channels:
       x = dsnn.Conv(space.stem_channels, (3, 3), use_bias=not space.batch_norm, name="stem",
-                    **precision)(x)
+                    precision=precision)(x)
       if space.batch_norm:
         affine = self.architecture is not None  # Affine-free in the search, as DARTS.
         x = dsnn.BatchNorm(use_scale=affine, use_bias=affine, param_axis="conv_out",
-                           name="stem_bn", **precision)(x, use_running_average=not train)
+                           name="stem_bn", precision=precision)(x, use_running_average=not train)
       x = getattr(nn, space.activation)(x)
     if self.architecture is not None and len(self.architecture) != space.num_blocks:
       raise ValueError(f"architecture has {len(self.architecture)} blocks, the search space "
                        f"{space.num_blocks}")
     for index in range(space.num_blocks):
       if self.architecture is None:
-        x = SearchBlock(space, index, self.relaxation, name=f"block_{index}", **precision)(
+        x = SearchBlock(space, index, self.relaxation, name=f"block_{index}", precision=precision)(
             x, train=train, temperature=temperature, aux_skip=aux_skip)
       elif self.architecture[index].kept:
         x = DiscreteBlock(self.architecture[index], space.stride(index), space.activation,
-                          batch_norm=space.batch_norm, name=f"block_{index}", **precision)(
+                          batch_norm=space.batch_norm, name=f"block_{index}", precision=precision)(
                               x, train)
     if space.head == "none":
       return x.astype(jnp.float32)
@@ -175,7 +173,7 @@ class Supernet(nn.Module):
       x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     else:
       x = x.reshape(x.shape[0], -1)
-    logits = dsnn.Dense(self.num_classes, name="head", **precision)(x)
+    logits = dsnn.Dense(self.num_classes, name="head", precision=precision)(x)
     return logits.astype(jnp.float32)
 
 
@@ -187,7 +185,7 @@ DEFAULTS = {"backbone": {"type": "DNAS", **dataclasses.asdict(SearchSpace())},
 
 
 def build_supernet(model_config: Any, num_classes: int, compute_dtype: Any,
-                   plan: dsnn.PrecisionPlan | None = None) -> Supernet:
+                   plan: PrecisionPlan | None = None) -> Supernet:
   """The registry `build` function (`ModelSpec.build`) for DNAS models.
 
   Args:
@@ -209,7 +207,7 @@ def build_supernet(model_config: Any, num_classes: int, compute_dtype: Any,
   architecture = choices_from_dict(load_architecture(path, space)) if path else None
   return Supernet(space=space, num_classes=num_classes,
                   relaxation=model_config.get("relaxation", DEFAULTS["relaxation"]),
-                  architecture=architecture, compute_dtype=compute_dtype, plan=plan)
+                  architecture=architecture, precision=LayerPrecision(compute_dtype, plan))
 
 
 def check_config(model_config: Any) -> list[str]:

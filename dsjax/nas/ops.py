@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from dsjax import nn as dsnn
 from dsjax.errors import ConfigError
+from dsjax.precision import LayerPrecision
 
 # `build(op, x, kernel_size, train) -> y`: runs inside `Op.__call__`, so the layers it
 # creates are `op`'s submodules (named as the op's parameters are: "conv", "bn", ...).
@@ -137,8 +138,8 @@ class Op(nn.Module):
     features: output channels.
     stride: spatial stride (identity requires 1).
     activation: "relu", "silu" or "gelu", applied after convolutions.
-    compute_dtype: compute dtype; parameters stay float32.
-    plan: per-layer precision plan, or None.
+    precision: compute dtype and per-layer plan (`dsjax.precision.LayerPrecision`), handed
+      to every sub-layer; parameters stay float32.
     batch_norm: BatchNorm between the convolution and the activation; the convolution
       then has no bias (BatchNorm's own bias would cancel it).
     affine: the BatchNorm learns a per-channel scale and bias (the derived network);
@@ -149,15 +150,9 @@ class Op(nn.Module):
   features: int
   stride: int = 1
   activation: str = "relu"
-  compute_dtype: Any = jnp.float32
-  plan: dsnn.PrecisionPlan | None = None
+  precision: LayerPrecision = LayerPrecision()
   batch_norm: bool = False
   affine: bool = True
-
-  @property
-  def layer_args(self) -> dict[str, Any]:
-    """The layer arguments every sub-layer of the op takes."""
-    return {"compute_dtype": self.compute_dtype, "plan": self.plan}
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -169,7 +164,7 @@ def normalise_and_activate(op: Op, y: jax.Array, train: bool) -> jax.Array:
   """The end of every convolution op: BatchNorm (if the space has it), then the activation."""
   if op.batch_norm:
     y = dsnn.BatchNorm(use_scale=op.affine, use_bias=op.affine, param_axis="conv_out",
-                       name="bn", **op.layer_args)(y, use_running_average=not train)
+                       name="bn", precision=op.precision)(y, use_running_average=not train)
   return getattr(nn, op.activation)(y)
 
 
@@ -180,28 +175,28 @@ def _bias(c_out: Any, batch_norm: bool) -> Any:
 
 def _conv(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
   y = dsnn.Conv(op.features, (k, k), strides=op.stride, use_bias=not op.batch_norm,
-                name="conv", **op.layer_args)(x)
+                name="conv", precision=op.precision)(x)
   return normalise_and_activate(op, y, train)
 
 
 def _sep_conv(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
   # Depthwise k x k (no bias), then pointwise 1 x 1.
   y = dsnn.Conv(x.shape[-1], (k, k), strides=op.stride, use_bias=False,
-                feature_group_count=x.shape[-1], name="depthwise", **op.layer_args)(x)
+                feature_group_count=x.shape[-1], name="depthwise", precision=op.precision)(x)
   y = dsnn.Conv(op.features, (1, 1), use_bias=not op.batch_norm, name="pointwise",
-                **op.layer_args)(y)
+                precision=op.precision)(y)
   return normalise_and_activate(op, y, train)
 
 
 def _identity(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
   # Other widths zero-pad or drop trailing channels: what the supernet's channel masks do.
-  return fit_channels(x, op.features).astype(dsnn.layer_dtype(op, op.compute_dtype, op.plan))
+  return fit_channels(x, op.features).astype(op.precision.dtype(op))
 
 
 def _zero(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
   height, width = (-(-d // op.stride) for d in x.shape[1:3])
   return jnp.zeros((x.shape[0], height, width, op.features),
-                   dsnn.layer_dtype(op, op.compute_dtype, op.plan))
+                   op.precision.dtype(op))
 
 
 register_op(OpSpec(

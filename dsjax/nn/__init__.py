@@ -15,15 +15,10 @@ from dsjax.nn.layers import (
     LayerNorm,
     MultiHeadAttention,
     attend,
-    layer_precision,
     sow_stats,
 )
 from dsjax.nn.norm import BATCH_STATS, BatchNorm
 from dsjax.nn.remat import HALF_DTYPES, remat, save_half_residuals
-
-# Still spelled `dsnn.PrecisionPlan` and `dsnn.layer_dtype` by models/supernet.py; drop
-# these two once it imports them from dsjax.precision.
-from dsjax.precision.plan import PrecisionPlan, layer_dtype
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -37,10 +32,7 @@ __all__ = [
     "Embed",
     "LayerNorm",
     "MultiHeadAttention",
-    "PrecisionPlan",
     "attend",
-    "layer_dtype",
-    "layer_precision",
     "matmul",
     "remat",
     "save_half_residuals",

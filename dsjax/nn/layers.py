@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from dsjax.errors import ConfigError
 from dsjax.nn import matmul
-from dsjax.precision.plan import LayerPrecision, PrecisionPlan
+from dsjax.precision.plan import LayerPrecision
 
 Initializer = Callable[..., jax.Array]
 Axes = tuple[str | None, ...]
@@ -63,21 +63,6 @@ def _features(features: int | Sequence[int]) -> tuple[int, ...]:
   return (features,) if isinstance(features, int) else tuple(features)
 
 
-def layer_precision(layer: nn.Module) -> LayerPrecision:
-  """A layer's `precision`, with the old `compute_dtype=`/`plan=` spelling over it.
-
-  Dense, Conv and BatchNorm still take `compute_dtype` and `plan` because
-  `models/supernet.py` passes them; drop the two fields once it hands its layers a
-  `LayerPrecision`.
-  """
-  precision = layer.precision
-  if layer.compute_dtype is not None:
-    precision = precision.replace(compute_dtype=layer.compute_dtype)
-  if layer.plan is not None:
-    precision = precision.replace(plan=layer.plan)
-  return precision
-
-
 class Dense(nn.Module):
   """y = x @ kernel + bias over the last axis of x, with float32 accumulation.
 
@@ -92,8 +77,6 @@ class Dense(nn.Module):
       or "pallas" (`pallas_kernels.matmul`, the FP16/BF16-in, FP32-accumulate kernel;
       interpret mode on CPU).
     param_dtype: dtype the parameters are created in.
-    compute_dtype: the old spelling of `precision.compute_dtype` (see `layer_precision`).
-    plan: the old spelling of `precision.plan`.
   """
 
   features: int | tuple[int, ...]
@@ -103,12 +86,10 @@ class Dense(nn.Module):
   kernel_axes: Axes = (None, None)
   precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  compute_dtype: Any = None
-  plan: PrecisionPlan | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    precision = layer_precision(self)
+    precision = self.precision
     if precision.matmul_impl not in MATMUL_IMPLS:
       raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got "
                        f"{precision.matmul_impl!r}")
@@ -164,8 +145,6 @@ class Conv(nn.Module):
       (as a Dense kernel's "embed" and "mlp").
     precision: compute dtype and plan (`matmul_impl` does not apply to convolutions).
     param_dtype: dtype the parameters are created in.
-    compute_dtype: the old spelling of `precision.compute_dtype` (see `layer_precision`).
-    plan: the old spelling of `precision.plan`.
   """
 
   features: int
@@ -179,8 +158,6 @@ class Conv(nn.Module):
   kernel_axes: Axes = (None, None, "conv_in", "conv_out")
   precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  compute_dtype: Any = None
-  plan: PrecisionPlan | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -188,7 +165,7 @@ class Conv(nn.Module):
     if in_features % self.feature_group_count or self.features % self.feature_group_count:
       raise ValueError(f"input ({in_features}) and output ({self.features}) channels must be "
                        f"divisible by feature_group_count={self.feature_group_count}")
-    dtype = layer_precision(self).dtype(self)
+    dtype = self.precision.dtype(self)
     kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         kernel_shape, self.param_dtype)

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.nn.layers import layer_precision, sow_stats
-from dsjax.precision.plan import LayerPrecision, PrecisionPlan
+from dsjax.nn.layers import sow_stats
+from dsjax.precision.plan import LayerPrecision
 
 BATCH_STATS = "batch_stats"
 
@@ -53,9 +53,6 @@ class BatchNorm(nn.Module):
       promotes this layer.
     param_dtype: dtype the scale and bias are created in. The running averages are
       float32 whatever it is.
-    compute_dtype: the old spelling of `precision.compute_dtype`
-      (see `dsjax.nn.layers.layer_precision`).
-    plan: the old spelling of `precision.plan`.
     axis_name: a mapped axis (`pmap`/`shard_map`/`vmap` axis name) to average the batch
       statistics over, for cross-replica ("synchronised") batch norm. Replicas must hold
       equally many examples: the global statistics are means of per-replica means. None:
@@ -69,8 +66,6 @@ class BatchNorm(nn.Module):
   use_bias: bool = True
   precision: LayerPrecision = LayerPrecision()
   param_dtype: Any = jnp.float32
-  compute_dtype: Any = None
-  plan: PrecisionPlan | None = None
   axis_name: str | None = None
   param_axis: str | None = None
 
@@ -92,7 +87,7 @@ class BatchNorm(nn.Module):
     Returns:
       The normalised, scaled and shifted activations, same shape, in the layer dtype.
     """
-    dtype = layer_precision(self).dtype(self)
+    dtype = self.precision.dtype(self)
     features = inputs.shape[-1]
     reduce_axes = tuple(range(inputs.ndim - 1))
     ra_mean = self.variable(BATCH_STATS, "mean", jnp.zeros, (features,), jnp.float32)
