@@ -62,6 +62,7 @@ def test_resume_is_bit_identical(tmp_path):
   assert steps == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_trains_nothing(tmp_path):
   first = train_and_evaluate(tiny_config(4), tmp_path)
   again = train_and_evaluate(tiny_config(4), tmp_path)

@@ -94,6 +94,7 @@ def test_delayed_update_trains_close_to_synchronous(runs):
   assert delayed >= sync - 0.02
 
 
+@pytest.mark.slow
 def test_full_density_topk_is_the_dense_exchange(tmp_path):
   dense = train_and_evaluate(_config("none", steps=4), tmp_path / "dense")
   full = train_and_evaluate(_config("topk:1.0", steps=4), tmp_path / "full")

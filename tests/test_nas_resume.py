@@ -124,6 +124,7 @@ def test_resumed_search_equals_uninterrupted_search(stopped, tmp_path, caplog):
   assert checkpoint_steps(resumed_dir) == [STOP, STEPS]
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_and_kept(stopped, tmp_path):
   workdir = copy_of(stopped, tmp_path)
   corrupted = []

@@ -36,6 +36,7 @@ def _last_record(workdir: Path) -> dict:
   return json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_train_workdir_of_the_previous_code_resumes_as_that_code_resumed_it(tmp_path):
   """A mixed-precision run checkpointed at step 2 (with its controller state) resumes to
   step 4 with the metrics the old code gave: the step's program is unchanged, so to float
@@ -55,6 +56,7 @@ def test_a_train_workdir_of_the_previous_code_resumes_as_that_code_resumed_it(tm
     assert got[key] == pytest.approx(expected[key], rel=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_search_workdir_of_the_previous_code_resumes_in_the_trainer(tmp_path):
   """A search stopped at step 2 by the old, separate search loop (its state had
   `weight_opt_state` and no loss scale) resumes in the trainer's loop to step 4 and

@@ -241,6 +241,7 @@ def test_plots_imports_only_errors_from_dsjax():
   assert {m for m in modules if m.split(".")[0] == "dsjax"} == {"dsjax.errors"}
 
 
+@pytest.mark.slow
 def test_a_real_training_run(tmp_path):
   from dsjax.train import train_and_evaluate
 

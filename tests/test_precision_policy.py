@@ -74,6 +74,7 @@ def _float_dtypes(tree):
           if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["p=bf16,c=bf16", "p=bf16,c=f16,o=f32"])
 def test_bfloat16_master_weights_train_save_and_resume(policy, tmp_path):
   """`p=bf16` keeps the parameters and Adam's moments in bfloat16 from init through the

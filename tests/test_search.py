@@ -37,6 +37,7 @@ def one_device(tmp_path_factory):
   return search_architecture(_config(num_devices=1), workdir), workdir
 
 
+@pytest.mark.slow
 @pytest.mark.all_devices
 def test_a_search_on_a_data_mesh_equals_the_one_device_search(one_device, tmp_path):
   """data=4 (of 8 simulated devices): each device takes 4 of the 16 examples; the batch
@@ -59,6 +60,7 @@ def test_a_search_on_a_data_mesh_equals_the_one_device_search(one_device, tmp_pa
     assert a == pytest.approx(b, rel=1e-5)  # ...from the same probabilities.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed", "fp16"])
 def test_a_search_in_reduced_precision_scales_its_loss_and_runs_the_controller(
     one_device, tmp_path, policy):

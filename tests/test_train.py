@@ -86,6 +86,7 @@ def _mlm_loss_and_grads(task, state, batch, rng):
   return jax.jit(jax.value_and_grad(loss))(state.params)
 
 
+@pytest.mark.slow
 def test_masked_only_mlm_head_gives_the_full_heads_loss_and_gradients():
   """Training gathers the masked positions before the vocabulary projection (by default
   ceil(mean + 4 sd) = 9 slots of 16 here): the loss and every gradient equal the full
@@ -110,6 +111,7 @@ def test_masked_only_mlm_head_gives_the_full_heads_loss_and_gradients():
   assert "mlm_positions" not in task.prepare(batch, rng, train=False)
 
 
+@pytest.mark.slow
 def test_masked_tokens_beyond_the_prediction_slots_stay_unmasked():
   """With more masked tokens than slots, a sequence keeps its first `max_predictions`
   (in position order) and gets the others back unmasked: the gathered loss is the full
@@ -161,6 +163,7 @@ def _reference_loss(params, state, batch):
   return -jnp.mean(jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [2, 4])
 def test_grad_accumulation_equals_one_big_batch(accum):
   state, batch, lr = _setup(batch_size=32)
@@ -304,6 +307,7 @@ def test_half_residuals_keep_the_gradients():
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_pallas_dense_trains_like_xla():
   """`model.matmul_impl=pallas` routes the dense layers through the Pallas kernel
   (interpret mode here). In float32 both paths accumulate in float32 (the kernel at

@@ -151,6 +151,7 @@ def test_sharded_tables_match_single_device_forward():
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_reaches_most_of_the_bayes_auc():
   ds = get_dataset(_data_config(num_examples=50_000))
   train, test = ds.splits["train"], ds.splits["test"]

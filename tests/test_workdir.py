@@ -55,6 +55,7 @@ async def disk_full(self, item, directory):
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
   """The disk fills while step 4's checkpoint is written: its host JSON is cut short. The
   error names the intact step-2 checkpoint, and rerunning resumes from it to the same final
