@@ -282,6 +282,8 @@ ABLATIONS = {
     "no-controller": ({"precision.adaptive": False}, "mixed: no controller statistics"),
     "no-loss-scale": ({"loss_scale": "policy"}, "mixed: no dynamic loss scale (bf16 needs none)"),
     "no-donation": ({"donate": False}, "state not donated"),
+    "norms-every-step": ({"norms_every_step": True},
+                         "grad/param/update norms on every step, not only the logged ones"),
 }
 
 
@@ -296,10 +298,12 @@ def dsjax_side(name: str, preset: str, args: argparse.Namespace, dataset: Any,
   """
   config = model_config(name, args)
   config.precision.policy = preset
-  donate, loss_scale_mode = True, args.mixed_loss_scale
+  donate, loss_scale_mode, norms_every_step = True, args.mixed_loss_scale, False
   for key, value in overrides.items():
     if key == "donate":
       donate = value
+    elif key == "norms_every_step":
+      norms_every_step = value
     elif key == "loss_scale":
       loss_scale_mode = value
     else:
@@ -342,8 +346,11 @@ def dsjax_side(name: str, preset: str, args: argparse.Namespace, dataset: Any,
   def run(i: int) -> jax.Array:  # The loop's body, less data loading and logging.
     batch = device_batches[i % len(batches)]
     rng = jax.random.fold_in(holder["state"].rng, i)
+    # As in the loop: the parameter norms only on the steps whose metrics are logged.
+    with_norms = norms_every_step or (i + 1) % config.train.log_every_steps == 0
     holder["state"], metrics = cache.run(holder["state"], batch, rng, plan=control.plan,
-                                         collect_stats=control.collects(i))
+                                         collect_stats=control.collects(i),
+                                         with_norms=with_norms)
     loss = metrics["loss"]
     # What the loop's controller hook sees of the loop.
     view = types.SimpleNamespace(step_metrics=metrics, done=i + 1, state=holder["state"],

@@ -357,3 +357,24 @@ def test_dropout_rng_implementations():
   config.train.dropout_rng = "philox"
   with pytest.raises(config_lib.ConfigError, match="train.dropout_rng must be one of"):
     config_lib.validate(config)
+
+
+def test_steps_without_norms_skip_only_the_norms():
+  """`with_norms` (traced: one compile for both) leaves the update bit-identical and only
+  drops the three parameter norms to NaN; with it, they equal optax's global norms (rtol
+  1e-6: float32 sums regrouped)."""
+  state, batch, lr = _setup(batch_size=16, optimizer="adamw")
+  step_fn = jax.jit(make_train_step(CLS, 1, lr))
+  rng = jax.random.key(1)
+  with_state, with_metrics = step_fn(state, batch, rng, jnp.bool_(True))
+  without_state, without_metrics = step_fn(state, batch, rng, jnp.bool_(False))
+  assert step_fn._cache_size() == 1
+  jax.tree.map(np.testing.assert_array_equal, with_state.params, without_state.params)
+  for key in ("grad_norm", "param_norm", "update_norm"):
+    assert np.isnan(without_metrics[key]) and np.isfinite(with_metrics[key]), key
+  for key in set(with_metrics) - {"grad_norm", "param_norm", "update_norm"}:
+    np.testing.assert_array_equal(with_metrics[key], without_metrics[key])
+  np.testing.assert_allclose(with_metrics["param_norm"], optax.tree.norm(with_state.params),
+                             rtol=1e-6)
+  updates = jax.tree.map(jnp.subtract, with_state.params, state.params)
+  np.testing.assert_allclose(with_metrics["update_norm"], optax.tree.norm(updates), rtol=1e-5)

@@ -107,6 +107,8 @@ class Hook:
     every: step intervals; the hook is due after step s when any divides s.
     at_end: also due after the run's last step.
     at_stop: also due after the last step of this invocation (`stop_after`).
+    reads_norms: reads the step's parameter norms (`grad_norm`, ...): the steps after
+      which it is due compute them, the others skip that work.
   """
 
   name: str
@@ -114,6 +116,7 @@ class Hook:
   every: tuple[int, ...]
   at_end: bool = True
   at_stop: bool = False
+  reads_norms: bool = False
 
   def due(self, done: int, steps: int, end: int) -> bool:
     return (any(done % every == 0 for every in self.every) or (self.at_end and done == steps)
@@ -337,10 +340,12 @@ def run_loop(loop: Loop, hooks: Sequence[Hook], *, progress_bar: bool) -> None:
       data_start = time.perf_counter()
       batch = loop.program.next_batch()
       host_start = time.perf_counter()
+      with_norms = any(hook.reads_norms and hook.due(step_index + 1, loop.steps, loop.end)
+                       for hook in hooks)
       loop.state, loop.step_metrics = loop.cache.run(
           loop.state, batch, loop.program.step_rng(loop.state, step_index),
           plan=loop.precision.plan, collect_stats=loop.precision.collects(step_index),
-          density=density_at(step_index))
+          density=density_at(step_index), with_norms=with_norms)
       loop.batch, loop.done = batch, step_index + 1
       loop.precision.observe(loop)
       if tracing and loop.done == loop.steps:  # Training steps only, not the evaluation.
@@ -576,7 +581,8 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     loop.writer.write(loop.done, record)
     loop.record = record
 
-  hooks = [Hook("metrics", log_metrics, (train_cfg.log_every_steps, train_cfg.eval_every_steps)),
+  hooks = [Hook("metrics", log_metrics, (train_cfg.log_every_steps, train_cfg.eval_every_steps),
+                reads_norms=True),
            Hook("checkpoint", save_checkpoint, (config.checkpoint.every_steps,))]
   try:
     run_loop(loop, hooks, progress_bar=config.logging.progress_bar and distributed.is_primary())
