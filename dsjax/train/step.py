@@ -292,10 +292,10 @@ def _when(flag: bool | jax.Array, metrics_fn: Callable[[], Metrics]) -> Metrics:
   def computed() -> Metrics:
     return {key: jnp.asarray(value, jnp.float32) for key, value in metrics_fn().items()}
 
-  if isinstance(flag, bool) and flag:
+  if flag is True:  # The default of a direct call: no conditional in the graph.
     return computed()
   skipped = {key: jnp.float32(jnp.nan) for key in jax.eval_shape(computed)}
-  return skipped if isinstance(flag, bool) else jax.lax.cond(flag, computed, lambda: skipped)
+  return jax.lax.cond(flag, computed, lambda: skipped)
 
 
 def make_eval_step(task: Task) -> Callable[..., Metrics]:
