@@ -52,7 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
   # + 4 sd: 36 at 128 x 15%); 0: the full head on every position. Evaluation uses the full head.
   config.data.max_predictions = -1
   config.data.num_examples = 0  # Synthetic data: examples generated; 0 is the loader's default.
-  config.data.augment = False  # Images: random crop + horizontal flip of training batches.
+  # Images: random crop + horizontal flip of training batches; detection: random flip and
+  # zoom in [0.75, 1.25], with the boxes.
+  config.data.augment = False
+  config.data.image_size = 0  # Detection: the letterboxed input side; 0 is the dataset's.
+  config.data.max_boxes = 0  # Detection: boxes per image, padded; 0 is the dataset's.
   config.data.cache_dir = ""  # Derived artefacts (e.g. the tokenizer); "" is the workdir.
 
   config.train = ml_collections.ConfigDict()
@@ -294,6 +298,9 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(config.data.max_predictions >= -1,
         f"data.max_predictions must be >= 0 (0: every position) or -1 (derived from "
         f"seq_len and mlm_probability), got {config.data.max_predictions}")
+  for field in ("image_size", "max_boxes"):
+    check(config.data[field] >= 0,
+          f"data.{field} must be >= 0 (0: the dataset's default), got {config.data[field]}")
   check(0 <= config.data.val_fraction < 0.5,
         f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
   for axis, size in config.mesh.items():

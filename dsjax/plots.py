@@ -3,6 +3,7 @@
   from dsjax import plots
   plots.figure_curves(["runs/fp32", "runs/mixed"])  # a matplotlib Figure, runs overlaid
   plots.write_plots(["runs/fp32", "runs/mixed"])    # every kind with data, as PNG files
+  plots.draw_detections("boxes.png", images, predictions, truths, names)  # a detector's boxes
 
 Figures are `matplotlib.figure.Figure` objects made without pyplot, so drawing one changes
 no global backend, and files are written through the Agg canvas. A notebook shows a
@@ -17,9 +18,11 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dsjax.errors import ConfigError, DataError
 
@@ -392,3 +395,91 @@ def write_plots(workdirs: Runs, out_dir: str | Path | None = None) -> list[Path]
     figure.savefig(out / f"{name}.png", dpi=DPI)
     written.append(out / f"{name}.png")
   return written
+
+
+def _category_name(categories: Sequence[Any] | Mapping[int, Any], index: int) -> str:
+  try:
+    entry = categories[index]
+  except (IndexError, KeyError):
+    return str(index)
+  return str(entry.get("name", index) if isinstance(entry, Mapping) else entry)
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+  """An [H, W, 3] or [H, W] image imshow draws as is: uint8 and floats in [0, 1] unchanged,
+  other floats (normalised model inputs) stretched to [0, 1]."""
+  image = image[..., 0] if image.shape[-1] == 1 else image
+  if image.dtype == np.uint8:
+    return image
+  image = np.asarray(image, np.float32)
+  low, high = float(np.nanmin(image)), float(np.nanmax(image))
+  if low < 0.0 or high > 1.0:
+    image = (image - low) / max(high - low, 1e-12)
+  return np.clip(np.nan_to_num(image), 0.0, 1.0)
+
+
+def draw_detections(path: str | Path, images: Any, predictions: Mapping[str, Any],
+                    truths: Mapping[str, Any], categories: Sequence[Any] | Mapping[int, Any], *,
+                    max_images: int = 16, score_threshold: float = 0.3) -> Path:
+  """A grid of the first `max_images` images with their true boxes (green, thin) and the
+  predicted boxes scoring above `score_threshold` (red, labelled "class score"), as a PNG.
+
+  Args:
+    path: the PNG to write (its folder is created).
+    images: uint8 or float [N, H, W, C], C = 1 or 3 (floats outside [0, 1] are stretched).
+    predictions: {"boxes": [N, K, 4] (x0, y0, x1, y1) in image pixels, "scores": [N, K],
+      "classes": [N, K]}.
+    truths: {"boxes": [N, M, 4], "classes": [N, M]}, class -1 marking padding.
+    categories: class index -> name: a sequence of names (or of COCO category dicts, whose
+      "name" is used) or a mapping; an index it lacks is drawn as its number.
+    max_images: at most this many images are drawn.
+    score_threshold: predictions scoring at most this are not drawn.
+
+  Returns:
+    The path written.
+  """
+  canvas = _matplotlib().backends.backend_agg.FigureCanvasAgg
+  from matplotlib.patches import Rectangle
+
+  images = np.asarray(images)[:max_images]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+    raise ValueError(f"images: expected a non-empty [N, H, W, C] array with C = 1 or 3, got "
+                     f"shape {images.shape}")
+  count = len(images)
+  predicted = [np.asarray(predictions[key])[:count] for key in ("boxes", "scores", "classes")]
+  true_boxes, true_classes = (np.asarray(truths[key])[:count] for key in ("boxes", "classes"))
+  ncols = min(count, 4)
+  nrows = math.ceil(count / ncols)
+  figure = _new_figure(3.0 * ncols, 3.0 * nrows + 0.4)
+  axes = figure.subplots(nrows, ncols, squeeze=False).reshape(-1)
+  for index, ax in enumerate(axes):
+    ax.set_axis_off()
+    if index >= count:
+      continue
+    height, width = images.shape[1:3]
+    image = _displayable(images[index])
+    # Fixed limits: a gray image is drawn as it is, not stretched by imshow.
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0,
+              vmax=255 if image.dtype == np.uint8 else 1, interpolation="nearest")
+    for (x0, y0, x1, y1), label in zip(true_boxes[index], true_classes[index], strict=True):
+      if label >= 0:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
+                               linewidth=0.8))
+    for (x0, y0, x1, y1), score, label in zip(*(part[index] for part in predicted), strict=True):
+      if score > score_threshold:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red",
+                               linewidth=1.2))
+        ax.text(x0, y0, f"{_category_name(categories, int(label))} {score:.2f}", fontsize=6,
+                color="white", va="bottom", clip_on=True,
+                bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "edgecolor": "none"})
+    # Boxes reaching past the image must not widen the axes: the image keeps its frame.
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_title(f"image {index}", fontsize="small")
+  figure.suptitle(f"green: truth; red: predictions scoring > {score_threshold:g}",
+                  fontsize="medium")
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas(figure)  # Agg, whatever backend the session chose.
+  figure.savefig(path, dpi=DPI)
+  return path

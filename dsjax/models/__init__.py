@@ -2,6 +2,7 @@
 
 from dsjax.models import (
     bert,  # noqa: F401  (registers bert-tiny, bert-mini, bert-base)
+    centernet,  # noqa: F401  (registers centernet-resnet, centernet-dnas)
     cnn,  # noqa: F401  (registers cnn-digits, cnn-cifar10)
     resnet,  # noqa: F401  (registers resnet20)
     supernet,  # noqa: F401  (registers dnas-digits, dnas-cifar10)

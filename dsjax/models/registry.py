@@ -33,7 +33,8 @@ class ModelSpec:
       the discrete network of a searched `model.architecture`.
     task: what the model is trained for, naming a `dsjax.train.tasks` entry:
       "classification" (images -> class logits), "mlm" (masked-language modelling),
-      "ctr" (binary click prediction).
+      "ctr" (binary click prediction), "detection" (images -> CenterNet heatmaps, sizes
+      and offsets).
     pipelined: its layer stack can run as pipeline stages over the `pipe` mesh axis: the
       module has `num_stages` and `num_microbatches` attributes.
     flops_per_example: `(model_config, num_classes, example) -> forward matmul FLOPs` of

@@ -105,22 +105,45 @@ class ResNet(nn.Module):
     Returns:
       [batch, num_classes] float32 logits.
     """
-    x = dsnn.Conv(self.widths[0], (3, 3), padding=_PAD_1, use_bias=False,
-                  kernel_init=nn.initializers.he_normal(), precision=self.precision,
-                  name="stem_conv")(images)
-    x = nn.relu(BatchNorm(momentum=self.bn_momentum, param_axis="conv_out",
-                          precision=self.precision, name="stem_bn")(
-        x, use_running_average=not train))
-    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
-      for block in range(blocks):
-        stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, stride, bn_momentum=self.bn_momentum, precision=self.precision,
-                       name=f"stage{stage + 1}_block{block + 1}")(x, train=train)
+    x = resnet_features(images, self.stage_sizes, self.widths, bn_momentum=self.bn_momentum,
+                        precision=self.precision, train=train)
     # Global average pool in float32: a sum over the whole feature map.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     logits = dsnn.Dense(self.num_classes, precision=self.precision, name="classifier")(x)
     # Losses and softmax are numerically sensitive: hand them float32 logits.
     return logits.astype(jnp.float32)
+
+
+def resnet_features(images: jax.Array, stage_sizes: Sequence[int], widths: Sequence[int], *,
+                    bn_momentum: float, precision: LayerPrecision, train: bool) -> jax.Array:
+  """The stem and the residual stages: the feature map before pooling (stride 2^(stages-1)).
+
+  Call it inside a compact method: its layers (`stem_conv`, `stem_bn`, `stage{s}_block{b}`)
+  become children of the calling module, so the classifier and the detector
+  (`dsjax.models.centernet`) share parameter paths.
+
+  Args:
+    images: [batch, height, width, channels].
+    stage_sizes: basic blocks per stage; stages after the first start with a stride 2.
+    widths: channels of each stage; the stem has `widths[0]`.
+    bn_momentum: momentum of the batch-norm running averages.
+    precision: compute dtype and per-layer plan of every layer.
+    train: normalise with batch statistics and update the running averages.
+
+  Returns:
+    The last stage's activations, in the compute dtype.
+  """
+  x = dsnn.Conv(widths[0], (3, 3), padding=_PAD_1, use_bias=False,
+                kernel_init=nn.initializers.he_normal(), precision=precision,
+                name="stem_conv")(images)
+  x = nn.relu(BatchNorm(momentum=bn_momentum, param_axis="conv_out", precision=precision,
+                        name="stem_bn")(x, use_running_average=not train))
+  for stage, (blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
+    for block in range(blocks):
+      stride = 2 if stage > 0 and block == 0 else 1
+      x = BasicBlock(width, stride, bn_momentum=bn_momentum, precision=precision,
+                     name=f"stage{stage + 1}_block{block + 1}")(x, train=train)
+  return x
 
 
 def _build(model_config: Any, num_classes: int, compute_dtype: Any,
@@ -130,7 +153,8 @@ def _build(model_config: Any, num_classes: int, compute_dtype: Any,
                 precision=LayerPrecision(compute_dtype, plan, model_config.matmul_impl))
 
 
-def _check(model_config: Any) -> list[str]:
+def check_config(model_config: Any) -> list[str]:
+  """Problems of `stage_sizes` and `widths` (and the shared fields)."""
   problems = []
   stage_sizes, widths = tuple(model_config.stage_sizes), tuple(model_config.widths)
   if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
@@ -149,4 +173,4 @@ def _check(model_config: Any) -> list[str]:
 _DEFAULTS = {"stage_sizes": (3, 3, 3), "widths": (16, 32, 64), "matmul_impl": "xla"}
 registry.register(registry.ModelSpec(
     name="resnet20", build=_build, defaults=_DEFAULTS, dataset="cifar10",
-    config_file="cifar10_resnet.py", check=_check))
+    config_file="cifar10_resnet.py", check=check_config))

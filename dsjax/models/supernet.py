@@ -146,27 +146,9 @@ class Supernet(nn.Module):
     if self.relaxation not in relax_lib.RELAXATIONS:
       raise ValueError(f"relaxation must be one of {relax_lib.RELAXATIONS}, "
                        f"got {self.relaxation!r}")
-    precision = self.precision
-    space, x = self.space, images
-    if space.stem_channels:
-      x = dsnn.Conv(space.stem_channels, (3, 3), use_bias=not space.batch_norm, name="stem",
-                    precision=precision)(x)
-      if space.batch_norm:
-        affine = self.architecture is not None  # Affine-free in the search, as DARTS.
-        x = dsnn.BatchNorm(use_scale=affine, use_bias=affine, param_axis="conv_out",
-                           name="stem_bn", precision=precision)(x, use_running_average=not train)
-      x = getattr(nn, space.activation)(x)
-    if self.architecture is not None and len(self.architecture) != space.num_blocks:
-      raise ValueError(f"architecture has {len(self.architecture)} blocks, the search space "
-                       f"{space.num_blocks}")
-    for index in range(space.num_blocks):
-      if self.architecture is None:
-        x = SearchBlock(space, index, self.relaxation, name=f"block_{index}", precision=precision)(
-            x, train=train, temperature=temperature, aux_skip=aux_skip)
-      elif self.architecture[index].kept:
-        x = DiscreteBlock(self.architecture[index], space.stride(index), space.activation,
-                          batch_norm=space.batch_norm, name=f"block_{index}", precision=precision)(
-                              x, train)
+    space, precision = self.space, self.precision
+    x = backbone_features(images, space, self.architecture, self.relaxation, precision,
+                          train=train, temperature=temperature, aux_skip=aux_skip)
     if space.head == "none":
       return x.astype(jnp.float32)
     if space.head == "pool":
@@ -175,6 +157,52 @@ class Supernet(nn.Module):
       x = x.reshape(x.shape[0], -1)
     logits = dsnn.Dense(self.num_classes, name="head", precision=precision)(x)
     return logits.astype(jnp.float32)
+
+
+def backbone_features(images: jax.Array, space: SearchSpace,
+                      architecture: tuple[BlockChoice, ...] | None, relaxation: str,
+                      precision: LayerPrecision, *, train: bool, temperature: Any = 1.0,
+                      aux_skip: Any = 0.0) -> jax.Array:
+  """The stem and the searchable (or derived) blocks: the feature map before any head.
+
+  Call it inside a compact method: its layers (`stem`, `stem_bn`, `block_{i}`) become
+  children of the calling module, so the classifier (`Supernet`) and the detector
+  (`dsjax.models.centernet`) hold the same parameter and `arch` paths for the same space.
+
+  Args:
+    images: NHWC float images.
+    space: the search space.
+    architecture: None for the supernet; one BlockChoice per block for the derived net.
+    relaxation: one of `dsjax.nas.relaxation.RELAXATIONS`.
+    precision: compute dtype and per-layer plan, handed to every layer.
+    train: batch statistics and Gumbel sampling (see `Supernet.__call__`).
+    temperature: relaxation temperature; may be traced.
+    aux_skip: weight of the DARTS- auxiliary skip path in stride-1 search blocks.
+
+  Returns:
+    The last block's feature map, in the compute dtype.
+  """
+  x = images
+  if space.stem_channels:
+    x = dsnn.Conv(space.stem_channels, (3, 3), use_bias=not space.batch_norm, name="stem",
+                  precision=precision)(x)
+    if space.batch_norm:
+      affine = architecture is not None  # Affine-free in the search, as DARTS.
+      x = dsnn.BatchNorm(use_scale=affine, use_bias=affine, param_axis="conv_out",
+                         name="stem_bn", precision=precision)(x, use_running_average=not train)
+    x = getattr(nn, space.activation)(x)
+  if architecture is not None and len(architecture) != space.num_blocks:
+    raise ValueError(f"architecture has {len(architecture)} blocks, the search space "
+                     f"{space.num_blocks}")
+  for index in range(space.num_blocks):
+    if architecture is None:
+      x = SearchBlock(space, index, relaxation, name=f"block_{index}", precision=precision)(
+          x, train=train, temperature=temperature, aux_skip=aux_skip)
+    elif architecture[index].kept:
+      x = DiscreteBlock(architecture[index], space.stride(index), space.activation,
+                        batch_norm=space.batch_norm, name=f"block_{index}", precision=precision)(
+                            x, train)
+  return x
 
 
 # The `model` config section of a DNAS model (`ModelSpec.defaults`). Gumbel by default:

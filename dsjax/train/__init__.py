@@ -1,7 +1,8 @@
 """Training and search: resolve, state, the step builders and cache, the loop, checkpoints
 and metric outputs."""
 
-from dsjax.train.loop import evaluate, train_and_evaluate
+from dsjax.train.evaluation import evaluate
+from dsjax.train.loop import train_and_evaluate
 from dsjax.train.resolve import RunPlan, resolve
 from dsjax.train.search import search_architecture
 from dsjax.train.state import TrainState, create_train_state

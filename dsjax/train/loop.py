@@ -11,7 +11,6 @@ checkpoint, the progress bar, the profiler trace, and the hooks that run every N
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -24,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 
 from dsjax import data, measure, plots
@@ -33,68 +31,12 @@ from dsjax.parallel import compression as compression_lib
 from dsjax.parallel import distributed, sharding
 from dsjax.parallel import mesh as parallel_mesh
 from dsjax.precision import adaptive
-from dsjax.train import checkpoint, metrics, optim, step, tasks
+from dsjax.train import checkpoint, evaluation, metrics, optim, step, tasks
 from dsjax.train.resolve import RunPlan, check_pretrained, resolve
 from dsjax.train.state import TrainState, create_train_state
 from dsjax.train.workdir import prepare_workdir
 
 log = logging.getLogger(__name__)
-
-
-def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
-             batch_size: int, mesh: jax.sharding.Mesh | None = None,
-             rules: Any = (), microbatches: int = 1) -> dict[str, float]:
-  """Mean loss and accuracy (AUC for click prediction) over every example of a split.
-
-  Args:
-    state: the train state.
-    eval_fn: the jitted `step.make_eval_step(task)`.
-    arrays: the split, e.g. `{'image': ..., 'label': ...}`.
-    batch_size: examples per eval batch (the last one is padded and masked); rounded up
-      to a multiple of the mesh's batch shards times `microbatches`.
-    mesh: the device mesh the state lives on; None: the default device.
-    rules: logical -> mesh axis rules.
-    microbatches: the pipeline micro-batches the model splits a batch into (1: none).
-
-  Returns:
-    `{'loss': ..., 'accuracy': ...}` (plus `'auc'` when the task scores examples).
-  """
-  # A split smaller than a batch is not padded up to a whole one (a 40-sequence split
-  # would otherwise cost a 256-sequence forward pass).
-  batch_size = min(batch_size, data.num_examples(arrays))
-  ways = microbatches * (parallel_mesh.batch_divisor(mesh) if mesh is not None else 1)
-  batch_size = -(-batch_size // ways) * ways
-  totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
-  scores, masks = [], []
-  context = sharding.context(mesh, rules) if mesh is not None else contextlib.nullcontext()
-  if mesh is not None:
-    batch_sharding = sharding.batch_sharding(mesh)
-    start, stop = sharding.local_rows(batch_sharding, batch_size)
-  with context:
-    for index, (batch, mask) in enumerate(data.eval_batches(arrays, batch_size)):
-      host_mask = mask
-      # Random inputs (MLM masks) follow the example, not the batching: the same loss
-      # whatever the batch size, the mesh's rounding of it or the pipeline's.
-      batch[tasks.EXAMPLE_INDEX] = np.arange(index * batch_size, (index + 1) * batch_size,
-                                             dtype=np.int32)
-      if mesh is not None:  # This process's rows (and their mask) as global arrays.
-        batch = sharding.global_batch(
-            {"mask": mask[start:stop], **{k: v[start:stop] for k, v in batch.items()}},
-            batch_sharding, batch_size)
-        mask = batch.pop("mask")
-      out = jax.device_get(eval_fn(state, batch, mask, jax.random.PRNGKey(0)))
-      if "score" in out:
-        scores.append(np.asarray(out.pop("score")))
-        masks.append(host_mask)
-      for key, value in out.items():
-        totals[key] += float(value)
-  count = max(totals["count"], 1.0)
-  result = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct_sum"] / count}
-  if scores:
-    keep = np.concatenate(masks) > 0
-    labels = np.asarray(arrays["label"])
-    result["auc"] = measure.roc_auc(labels, np.concatenate(scores)[keep])
-  return result
 
 
 @dataclasses.dataclass
@@ -575,8 +517,9 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     record["comm_bytes_dense"] = dense_bytes or record["comm_bytes"]
     is_eval = loop.done % train_cfg.eval_every_steps == 0 or loop.done == loop.steps
     if is_eval and has_val:
-      val = evaluate(loop.state, eval_fn, dataset.splits["val"], train_cfg.eval_batch_size,
-                     mesh, rules, plan.pipeline.microbatches)
+      val = evaluation.evaluate_split(loop.state, eval_fn, dataset, "val",
+                                      train_cfg.eval_batch_size, workdir, mesh, rules,
+                                      plan.pipeline.microbatches)
       record.update({f"eval_{key}": value for key, value in val.items()})
     loop.writer.write(loop.done, record)
     loop.record = record
@@ -602,11 +545,15 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     summary["comm_bytes_dense"] = int(dense_bytes or summary["comm_bytes"])
   if loop.train_time > 0:
     summary["train_time_s"] = loop.train_time
-  for split, prefix in (("val", "eval"), ("test", "test")):
-    if dataset.splits.get(split) and data.num_examples(dataset.splits[split]):
-      result = evaluate(state, eval_fn, dataset.splits[split], train_cfg.eval_batch_size,
-                        mesh, rules, plan.pipeline.microbatches)
-      summary.update({f"{prefix}_{key}": value for key, value in result.items()})
+  evaluated = [split for split in ("val", "test")
+               if dataset.splits.get(split) and data.num_examples(dataset.splits[split])]
+  for split in evaluated:
+    # The last split evaluated (test where there is one) is the one predictions.png draws.
+    result = evaluation.evaluate_split(state, eval_fn, dataset, split,
+                                       train_cfg.eval_batch_size, workdir, mesh, rules,
+                                       plan.pipeline.microbatches, draw=split == evaluated[-1])
+    prefix = "eval" if split == "val" else split
+    summary.update({f"{prefix}_{key}": value for key, value in result.items()})
   log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                   if isinstance(v, int | float)))
   if distributed.is_primary():

@@ -302,7 +302,8 @@ def make_eval_step(task: Task) -> Callable[..., Metrics]:
   """Builds `eval_step(state, batch, mask, rng) -> sums` for `evaluate`.
 
   The sums cover the real (mask == 1) examples of a padded batch: `loss_sum`,
-  `correct_sum`, `count` (scored units); ctr adds the per-example `score` for AUC.
+  `correct_sum`, `count` (scored units). A task's other scores pass through per example:
+  ctr's `score` (for the AUC), detection's decoded `boxes`, `box_scores`, `box_classes`.
   """
 
   def eval_step(state: TrainState, batch: Batch, mask: jax.Array, rng: jax.Array) -> Metrics:
@@ -311,8 +312,8 @@ def make_eval_step(task: Task) -> Callable[..., Metrics]:
     sums = {"loss_sum": jnp.sum(scores["loss"] * mask),
             "correct_sum": jnp.sum(scores["correct"] * mask),
             "count": jnp.sum(scores["weight"] * mask)}
-    if "score" in scores:
-      sums["score"] = scores["score"]
+    sums.update({key: value for key, value in scores.items()
+                 if key not in ("loss", "correct", "weight")})
     return sums
 
   return eval_step

@@ -7,7 +7,7 @@ image or a click, the masked tokens of a sequence) and `weight` counts those uni
 the mean loss of a batch is `sum(loss) / sum(weight)` whatever the task.
 
 Each task is a `Task` subclass registered under its name (a model's `ModelSpec.task`):
-`ClassificationTask`, `CtrTask`, `MlmTask`. A new task is a new subclass with
+`ClassificationTask`, `CtrTask`, `MlmTask`, `DetectionTask`. A new task is a new subclass with
 `@register_task`; `make_task` builds one from the data config and the dataset's metadata.
 """
 
@@ -25,6 +25,7 @@ import optax
 
 from dsjax.data import augment, text
 from dsjax.errors import ConfigError
+from dsjax.models import centernet
 
 Batch = Mapping[str, jax.Array]
 # An evaluation batch's position of each example in its split (`dsjax.train.evaluate`):
@@ -268,6 +269,83 @@ class MlmTask(Task):
     return {"loss": jnp.sum(token_loss * weights, -1),
             "correct": jnp.sum(token_correct * weights, -1),
             "weight": jnp.sum(weights, -1)}
+
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class DetectionTask(Task):
+  """Boxes as CenterNet heatmap peaks (`dsjax.models.centernet`), scored by its losses.
+
+  The images arrive as uint8 and are scaled to [0, 1] on device; training batches may be
+  mirrored and zoomed with their boxes (`data.augment`). The targets are encoded on device
+  from the padded boxes at the model's output grid (the stride is the input side over the
+  output's). Per example, `loss` is the focal + 0.1 size + offset sum and `weight` the
+  object count, so the batch loss is CenterNet's (normalised by the objects of the batch);
+  `correct` counts the objects whose centre cell scores their class at least 0.3 (the
+  evaluation's `accuracy` is that recall). `boxes`, `box_scores` and `box_classes` are the
+  decoded top `max_detections` peaks, which the evaluation hands to the COCO evaluator.
+
+  Attributes:
+    num_classes: object classes.
+    augment: random flip and zoom of training batches.
+    max_detections: boxes decoded per image (COCO's evaluation reads at most 100).
+  """
+
+  name: str = "detection"
+  num_classes: int = 0
+  augment: bool = False
+  max_detections: int = 100
+  input_keys: ClassVar[tuple[str, ...]] = ("image",)
+  target_keys: ClassVar[tuple[str, ...]] = ("boxes", "classes")
+  recall_threshold: ClassVar[float] = 0.3
+
+  @classmethod
+  def from_data(cls, data_config: Any, metadata: Mapping[str, Any]) -> Task:
+    if "categories" not in metadata:
+      raise ConfigError(f"dataset {data_config.name!r} has no boxes; detection models train "
+                        "on --config.data.name=digits-detection or coco")
+    return cls(num_classes=len(metadata["categories"]), augment=bool(data_config.augment))
+
+  def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    batch = super().prepare(batch, rng, train=train)
+    image = batch["image"]
+    batch["image"] = (image.astype(jnp.float32) / 255.0 if image.dtype == jnp.uint8
+                      else image.astype(jnp.float32))
+    if self.augment and train:
+      batch["image"], batch["boxes"], batch["classes"] = augment.random_flip_scale(
+          rng, batch["image"], batch["boxes"], batch["classes"])
+    return batch
+
+  def example_batch(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    return {"image": jnp.asarray(arrays["image"][:1], jnp.float32)}  # As `prepare` gives.
+
+  def score(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    stride = _output_stride(batch["image"].shape[1:3], outputs.shape[1:3])
+    targets = centernet.encode_targets(batch["boxes"], batch["classes"], outputs.shape[1:3],
+                                       self.num_classes, stride)
+    losses = centernet.detection_losses(outputs, targets, self.num_classes)
+    batch_size, height, width, _ = outputs.shape
+    flat = outputs.reshape(batch_size, height * width, -1)
+    at_centres = jnp.take_along_axis(flat, targets["index"][..., None], axis=1)
+    own_class = jnp.take_along_axis(at_centres, jnp.maximum(batch["classes"], 0)[..., None],
+                                    axis=-1)[..., 0]
+    found = jax.nn.sigmoid(own_class) >= self.recall_threshold
+    decoded = centernet.decode(outputs, self.num_classes, stride, self.max_detections)
+    return {"loss": losses["loss"],
+            "correct": jnp.sum(found * targets["valid"], -1),
+            "weight": jnp.sum(targets["valid"], -1),
+            "boxes": decoded["boxes"], "box_scores": decoded["scores"],
+            "box_classes": decoded["classes"]}
+
+
+def _output_stride(image_shape: tuple[int, ...], grid: tuple[int, ...]) -> int:
+  """Input pixels per output cell; a side the backbone's stride does not divide is refused."""
+  stride = image_shape[0] // grid[0]
+  if tuple(size * stride for size in grid) != tuple(image_shape):
+    raise ConfigError(f"the detector's output grid {tuple(grid)} is not the input "
+                      f"{tuple(image_shape)} divided by one stride; set "
+                      "--config.data.image_size to a multiple of the backbone's stride")
+  return stride
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:
