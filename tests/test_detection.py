@@ -193,8 +193,10 @@ def test_coco_config_trains_on_coco_format_files(tmp_path):
 
 @pytest.mark.slow
 def test_detector_resume_is_bit_identical(tmp_path):
+  """Under mixed precision (loss scaling and the per-layer controller included)."""
   def config(steps):
     config = load_config("det_digits")
+    config.precision.policy = "mixed"
     config.train.steps = steps
     config.checkpoint.every_steps = 2
     config.optimizer.schedule = "constant"
@@ -218,3 +220,20 @@ def test_dnas_detector_searches_then_retrains(tmp_path):
   config = load_config("det_digits_dnas")
   config.model.architecture = str(tmp_path / "search" / "architecture.json")
   check_summary(train_and_evaluate(config, tmp_path / "retrain"), tmp_path / "retrain")
+
+
+@pytest.mark.slow
+def test_detector_on_a_data_parallel_mesh_matches_one_device(tmp_path):
+  """The same two steps on a data=2 mesh as on one device: the logged losses agree to
+  float32 reduction order (rtol 1e-5; the batch's sums split across two devices)."""
+  losses = {}
+  for devices in (1, 2):
+    config = load_config("det_digits")
+    config.mesh.num_devices = devices
+    train_and_evaluate(config, tmp_path / f"devices{devices}")
+    records = [json.loads(line) for line in
+               (tmp_path / f"devices{devices}" / "metrics.jsonl").read_text().splitlines()]
+    losses[devices] = [record["loss"] for record in records]
+  np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+  check_summary(json.loads((tmp_path / "devices2" / "summary.json").read_text()),
+                tmp_path / "devices2")
