@@ -4,7 +4,8 @@ The four rooms of precision: a `Policy` (`policy`) says which dtype parameters a
 stored, computed and returned in; a `PrecisionPlan` (`plan`) promotes single layers to
 float32, and `LayerPrecision` carries the compute dtype and plan from a model to its
 layers; a loss scale (`loss_scale`) keeps float16 gradients in range; the adaptive
-controller (`adaptive`) rewrites the plan from the layers' statistics.
+controller (`adaptive`) rewrites the plan from the layers' statistics. Numeric formats
+(`quantize`) simulate a layer's float or integer format and give its bit-ops and bytes.
 
 Every preset keeps float32 master weights and outputs; only the forward and backward
 computation changes dtype. `mixed` is float16 compute where float16 is fast (GPUs) and
@@ -47,6 +48,17 @@ from dsjax.precision.policy import (
     needs_loss_scaling,
     parse_policy,
 )
+from dsjax.precision.quantize import (
+    FORMATS,
+    NumericFormat,
+    apply_format,
+    bit_ops,
+    expected_bit_ops,
+    expected_bits,
+    fake_quant,
+    get_format,
+    model_bytes,
+)
 
 __all__ = [
     "CHOICES", "FP32", "HALF", "PRESETS", "DynamicLossScale", "LayerPrecision", "LossScale",
@@ -54,6 +66,9 @@ __all__ = [
     "check_policy", "compute_dtype", "controller_enabled", "dynamic_loss_scale", "get_policy",
     "get_preset", "layer_dtype", "loss_scale_for", "module_path", "needs_loss_scaling",
     "parse_policy", "select_tree",
+    # Numeric formats (quantize).
+    "FORMATS", "NumericFormat", "apply_format", "bit_ops", "expected_bit_ops", "expected_bits",
+    "fake_quant", "get_format", "model_bytes",
 ]
 
 
