@@ -95,8 +95,15 @@ def main() -> None:
   parser.add_argument("--search-steps", type=int, default=0,
                       help="search steps (0: configs/det_digits_dnas.py's)")
   parser.add_argument("--repeats", type=int, default=50, help="timed inference calls")
+  parser.add_argument("--speed-only", action="store_true",
+                      help="only time inference, of the architecture a previous run of this "
+                      "script searched in --workdir (on a quieter machine, say), and merge "
+                      "the figures into --out")
   args = parser.parse_args()
   root = Path(args.workdir)
+  if args.speed_only:
+    retime(args.out, str(root / "search" / "architecture.json"), args.repeats)
+    return
 
   resnet_runs = []
   for seed in args.seeds:
@@ -121,24 +128,41 @@ def main() -> None:
     dnas_runs.append({"seed": seed, **test_metrics(summary)})
     print(json.dumps({"dnas": dnas_runs[-1]}), flush=True)
 
-  derived = load_config("det_digits_dnas", 0, 0)
-  derived.model.architecture = search["architecture"]
-  speed = {"resnet": inference(load_config("det_digits", 0, 0), [1, 32], args.repeats),
-           "dnas": inference(derived, [1, 32], args.repeats)}
+  speed = timings(search["architecture"], args.repeats)
   results = {
-      "resnet": {"runs": resnet_runs, "mean_ap": mean_ap(resnet_runs), **speed["resnet"]},
-      "dnas": {"runs": dnas_runs, "mean_ap": mean_ap(dnas_runs), **speed["dnas"],
+      "resnet": {"runs": resnet_runs, "mean_ap": mean_ap(resnet_runs)},
+      "dnas": {"runs": dnas_runs, "mean_ap": mean_ap(dnas_runs),
                "search_time_s": search["search_time_s"], "architecture": search["architecture"],
                "backbone_flops_searched": search["flops"]},
   }
   results["ap_difference"] = results["dnas"]["mean_ap"] - results["resnet"]["mean_ap"]
+  report(args.out, results, speed)
+
+
+def timings(architecture: str, repeats: int) -> dict[str, dict[str, Any]]:
+  """Inference figures of both detectors, timed one after the other in this process."""
+  derived = load_config("det_digits_dnas", 0, 0)
+  derived.model.architecture = architecture
+  return {"resnet": inference(load_config("det_digits", 0, 0), [1, 32], repeats),
+          "dnas": inference(derived, [1, 32], repeats)}
+
+
+def retime(out: str, architecture: str, repeats: int) -> None:
+  """`--speed-only`: new inference figures merged into a previous run's results."""
+  results = json.loads(Path(out).read_text())["results"]
+  report(out, results, timings(architecture, repeats))
+
+
+def report(out: str, results: dict[str, Any], speed: dict[str, dict[str, Any]]) -> None:
+  for name in ("resnet", "dnas"):
+    results[name].update(speed[name])
   for batch in (1, 32):
     key = f"images_per_sec_batch{batch}"
     results[f"speedup_batch{batch}"] = speed["dnas"][key] / speed["resnet"][key]
   print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2))
   for name in ("resnet", "dnas"):
     print(name, json.dumps({k: v for k, v in results[name].items() if k != "runs"}))
-  print("saved", benchlib.save_result(args.out, "detection", results))
+  print("saved", benchlib.save_result(out, "detection", results))
 
 
 if __name__ == "__main__":
