@@ -118,7 +118,7 @@ def test_model_flag_alone_picks_the_models_config_file_and_argument():
 
 BAD_INPUTS = [
     (["--model", "resnet-9000"], "unknown model 'resnet-9000'; known models: bert-base, "
-     "bert-mini, bert-tiny, cnn-cifar10, cnn-digits"),
+     "bert-mini, bert-tiny, centernet-dnas, centernet-resnet, cnn-cifar10, cnn-digits"),
     ([TINY, "--config.train.stepz=3"],
      "--config.train.stepz: the config has no key 'stepz' (did you mean 'steps'?)"),
     ([TINY, "--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal"),

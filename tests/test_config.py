@@ -60,7 +60,7 @@ def test_wrong_types():
     ("model.dropout_rate", 1.0, "model: dropout_rate must be in [0, 1)"),
     ("model.matmul_impl", "cublas", "model: matmul_impl must be one of xla, pallas"),
     ("model.name", "resnet-9000",
-     "unknown model 'resnet-9000'; known models: bert-base, bert-mini, bert-tiny, cnn-cifar10"),
+     "unknown model 'resnet-9000'; known models: bert-base, bert-mini, bert-tiny, centernet-dnas"),
 ])
 def test_impossible_values(field, value, expected):
   config = _config()

@@ -24,9 +24,11 @@ import pytest
 from conftest import write_cifar10
 
 from dsjax import models, nas
+from dsjax.data.detection import DIGITS_IMAGE_SIZE
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.export import ExportError, export, parse_formats
 from dsjax.export import convert as export_convert
+from dsjax.export import measure as export_measure
 from dsjax.export.restore import restore
 from dsjax.models import cnn as cnn_module
 from dsjax.train import train_and_evaluate
@@ -42,7 +44,7 @@ def _load(path: Path, arg: str | None):
   return module.get_config(arg)
 
 
-def _forced_architecture(space: nas.SearchSpace, picks, folder: Path) -> str:
+def _forced_architecture(space: nas.SearchSpace, picks, folder: Path, image) -> str:
   """An architecture.json whose blocks are `picks` (candidate, channels, kept)."""
   arch = {}
   for index, (op, channels, kept) in enumerate(picks):
@@ -53,7 +55,6 @@ def _forced_architecture(space: nas.SearchSpace, picks, folder: Path) -> str:
                                                 len(space.channels))}
     if space.optional(index):
       arch[f"block_{index}"]["depth_logits"] = 40.0 * jax.nn.one_hot(int(kept), 2)
-  image = (8, 8, 1) if "digits" in str(folder) else (32, 32, 3)
   derived = nas.derive(arch, space, input_shape=image, num_classes=10)
   return nas.save_architecture(str(folder), derived)
 
@@ -79,16 +80,23 @@ def _config(name: str, root: Path):
     config.train.eval_every_steps = config.train.log_every_steps = 200
     config.checkpoint.every_steps = 200
   if models.get_spec(name).searchable:
-    # Every kind of derived block: a separable conv, a strided conv, an identity that
-    # zero-pads channels and a skipped block, each conv op with BatchNorm.
+    # Every kind of derived block: a separable conv (the detector's space has none), a
+    # strided conv, an identity that zero-pads channels and a skipped block, each conv op
+    # with BatchNorm.
     backbone = config.model.backbone
     backbone.depth_range, backbone.strides, backbone.batch_norm = (3, 4), (1, 2), True
     space = nas.from_config(backbone)
-    picks = [("sep_conv_3x3", 4, True), ("conv_3x3", 4, True), ("identity", 8, True),
+    first = "sep_conv_3x3" if "sep_conv_3x3" in space.candidates(0) else "conv_3x3"
+    picks = [(first, 4, True), ("conv_3x3", 4, True), ("identity", 8, True),
              ("zero", 4, False)]
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    config.model.architecture = _forced_architecture(space, picks, folder)
+    if config.data.name == "digits-detection":
+      side = config.data.image_size or DIGITS_IMAGE_SIZE
+      image = (side, side, 1)
+    else:
+      image = (8, 8, 1) if "digits" in name else (32, 32, 3)
+    config.model.architecture = _forced_architecture(space, picks, folder, image)
   return config
 
 
@@ -129,7 +137,7 @@ def test_round_trips_match_jax(name, trained, tmp_path):
   assert names == list(run.task.input_keys)
   rows = max(BATCHES)
   split = run.dataset.splits["test"]
-  arrays = [np.asarray(split[key][:rows]) for key in names]
+  arrays = export_measure.eval_data(run, rows).held_out  # As the task prepares them.
   apply = jax.jit(run.apply_fn())
   reloaded = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
   session = _session(out / "model.onnx")

@@ -17,7 +17,7 @@ def _data_config(**fields):
 
 
 def test_task_by_name_is_the_registered_class():
-  assert tasks.known_tasks() == ["classification", "ctr", "mlm"]
+  assert tasks.known_tasks() == ["classification", "ctr", "detection", "mlm"]
   assert type(tasks.Task("classification")) is tasks.ClassificationTask
   assert tasks.Task("classification") == tasks.ClassificationTask()
   assert tasks.Task(name="ctr") == tasks.CtrTask()
@@ -28,10 +28,10 @@ def test_task_by_name_is_the_registered_class():
 
 
 def test_unknown_task_names_the_known_ones():
-  for build in (lambda: tasks.Task("detection"),
-                lambda: tasks.make_task("detection", _data_config(), {})):
-    with pytest.raises(ConfigError, match="unknown task 'detection'; known tasks: "
-                                          "classification, ctr, mlm"):
+  for build in (lambda: tasks.Task("segmentation"),
+                lambda: tasks.make_task("segmentation", _data_config(), {})):
+    with pytest.raises(ConfigError, match="unknown task 'segmentation'; known tasks: "
+                                          "classification, ctr, detection, mlm"):
       build()
   with pytest.raises(ConfigError, match="registered as task 'classification', not 'mlm'"):
     tasks.ClassificationTask("mlm")

@@ -9,6 +9,7 @@ optimizer or gradient compression, restores the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -159,13 +160,18 @@ def _resolve_architecture(config: ml_collections.ConfigDict, workdir: Path) -> N
 
 def _input_specs(run_task: tasks.Task, config: ml_collections.ConfigDict,
                  saved: dict[str, Any], dataset: data.Dataset) -> tuple[InputSpec, ...]:
-  """The model's inputs, read from the test split's arrays (the train split's if none).
+  """The model's inputs, as the task prepares the test split's arrays (the train split's
+  if none): a detector's uint8 canvases are exported as the float32 images it sees.
 
   A BERT's sequence length is the run's own `data.seq_len` as saved, never a default:
   the exported graph is built for exactly that length.
   """
   split = dataset.splits.get("test") or dataset.splits["train"]
-  specs = tuple(InputSpec(key, tuple(np.shape(split[key])[1:]), np.asarray(split[key]).dtype.name)
+  example = {key: np.asarray(value[:1]) for key, value in split.items()}
+  example[tasks.EXAMPLE_INDEX] = np.zeros(1, np.int32)
+  prepared = jax.eval_shape(functools.partial(run_task.prepare, train=False), example,
+                            jax.random.PRNGKey(0))
+  specs = tuple(InputSpec(key, tuple(prepared[key].shape[1:]), np.dtype(prepared[key].dtype).name)
                 for key in run_task.input_keys)
   if run_task.name == "mlm":
     seq_len = int(saved.get("data", {}).get("seq_len") or 0)
