@@ -125,6 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.resource = ml_collections.ConfigDict()
   config.resource.target_flops = 0.0  # Per example; 0 means no budget.
   config.resource.target_params = 0.0
+  # Budgets of a numeric-format search (model.backbone.precision_choices): bit-ops (MACs x
+  # weight bits x activation bits, per example) and model bytes; 0 means no budget.
+  config.resource.target_bitops = 0.0
+  config.resource.target_model_bytes = 0.0
   config.resource.penalty_weight = 0.0
 
   # Device mesh (dsjax.parallel.mesh): one axis may be -1, "the rest of the devices".
@@ -275,9 +279,15 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
         f"search.arch_learning_rate must be > 0, got {search.arch_learning_rate}")
   check(search.temperature_start > 0 and search.temperature_end > 0,
         "search.temperature_start and temperature_end must be > 0")
-  for field in ("target_flops", "target_params", "penalty_weight"):
+  for field in ("target_flops", "target_params", "target_bitops", "target_model_bytes",
+                "penalty_weight"):
     check(config.resource[field] >= 0, f"resource.{field} must be >= 0, got "
           f"{config.resource[field]}")
+  backbone = config.model.get("backbone") or {}
+  for field in ("target_bitops", "target_model_bytes"):
+    check(config.resource[field] <= 0 or bool(backbone.get("precision_choices")),
+          f"resource.{field} budgets a numeric-format search: set "
+          "model.backbone.precision_choices, or budget target_flops/target_params instead")
   knobs = config.precision.controller
   for field in ("check_every_steps", "error_check_every_steps", "stable_checks"):
     check(knobs[field] >= 1, f"precision.controller.{field} must be >= 1, got {knobs[field]}")

@@ -17,6 +17,20 @@ derived parameters. Blocks are named `block_{i}` and ops (`dsjax.nas.ops.Op`, ea
 declared there with its cost) by candidate (`block_0/conv_3x3/conv/kernel`) in both forms.
 With `batch_norm`, the supernet's BatchNorms are affine-free (no scale or bias, DARTS'
 `affine=False`) and the derived network's learn a scale and bias.
+
+Numeric formats. With `space.precision_choices` each search block also holds
+`format_logits` and mixes, as it mixes ops, the outputs of each op computed under every
+candidate format with the same weights (Wu et al. 2018's DNAS): sum_f w_f op_f(x), where
+op_f rounds the op's kernels (per output channel) and inputs (per tensor) to format f
+(`dsjax.nn.Conv`'s `numeric_format`). That costs formats x conv ops convolutions per block
+(param-free ops run once: they have no arithmetic to round) where EdMIPS' composite
+conv(sum_f w_f Q_f(x), sum_f w_f Q_f(w)) needs one; the output mixture is kept because it
+is exactly the expectation the joint format choice stands for (the one the bit-ops cost,
+E[bits^2] per MAC, counts) and the derived block computes one of its terms, while the
+composite mixes weight and activation formats independently (cross terms f != g). At
+digits and CIFAR scale the search stays convolution-cheap. A derived block computes in its
+`BlockChoice.format` through the same `numeric_format` path: integer formats train
+quantization-aware (fake quantization, straight-through gradient) and float formats cast.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import numpy as np
 from dsjax import nn as dsnn
 from dsjax.errors import ConfigError
 from dsjax.models import registry
+from dsjax.nas import ops as ops_lib
 from dsjax.nas import relaxation as relax_lib
 from dsjax.nas import space as space_lib
 from dsjax.nas.derivation import choices_from_dict, load_architecture
@@ -75,11 +90,20 @@ class SearchBlock(nn.Module):
     width, candidates, channels = space.max_channels, space.candidates(self.index), space.channels
     op_weights = self._weights("op_logits", len(candidates), train, temperature)
     channel_weights = self._weights("channel_logits", len(channels), train, temperature)
+    formats = space.precision_choices
+    if formats:
+      format_weights = self._weights("format_logits", len(formats), train, temperature)
     y = jnp.zeros((), jnp.float32)
     for i, candidate in enumerate(candidates):
-      out = Op(candidate, width, stride, space.activation, self.precision, space.batch_norm,
-               affine=False, name=candidate)(x, train)
-      y = y + op_weights[i] * out.astype(jnp.float32)
+      op = Op(candidate, width, stride, space.activation, self.precision, space.batch_norm,
+              affine=False, name=candidate)
+      if formats and not ops_lib.get_op(ops_lib.op_family(candidate)).param_free:
+        # One op, one set of weights, called under every format: the weights are shared.
+        out = sum(format_weights[f] * op(x, train, numeric_format=fmt).astype(jnp.float32)
+                  for f, fmt in enumerate(formats))
+      else:
+        out = op(x, train).astype(jnp.float32)
+      y = y + op_weights[i] * out
     if stride == 1:
       # DARTS- auxiliary skip: a decaying identity path outside the mixture, so skip ops
       # need not win the mixture just to carry gradient through deep chains.
@@ -95,7 +119,8 @@ class SearchBlock(nn.Module):
 class DiscreteBlock(nn.Module):
   """A derived block: one op at one width (named like its supernet counterpart).
 
-  Unlike the search, its BatchNorm (`batch_norm`) learns a scale and bias.
+  Unlike the search, its BatchNorm (`batch_norm`) learns a scale and bias. Its op computes
+  in `choice.format` (None: the run's precision).
   """
 
   choice: BlockChoice
@@ -107,7 +132,8 @@ class DiscreteBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return Op(self.choice.op, self.choice.channels, self.stride, self.activation,
-              self.precision, self.batch_norm, name=self.choice.op)(x, train)
+              self.precision, self.batch_norm, name=self.choice.op)(
+                  x, train, numeric_format=self.choice.format)
 
 
 class Supernet(nn.Module):

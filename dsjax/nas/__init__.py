@@ -29,6 +29,7 @@ from dsjax.nas.cost import (
 )
 from dsjax.nas.derivation import (
     derive,
+    derived_precision_cost,
     flat_probabilities,
     format_probabilities,
     load_architecture,
@@ -49,6 +50,7 @@ __all__ = [
     "classification_loss",
     "create_search_state",
     "derive",
+    "derived_precision_cost",
     "exact_cost",
     "expected_cost",
     "expected_latency",

@@ -16,6 +16,20 @@ width), and a block's input width depends only on earlier choices, so
   E[cost of block i] = P(keep_i) * sum_op P(op) * cost(op, E[c_in,i], E[c_out,i])
 
 exactly, with E[c_in,i+1] = P(keep_i) E[c_out,i] + (1 - P(keep_i)) E[c_in,i].
+
+Formats (a space with `precision_choices`). Each block's one format choice sets the bits
+of its weights and of its input activations, independent of its op and width, so
+"bitops" and "model_bytes" join the costs, exact in expectation the same way:
+
+  bit-ops of a layer = MACs x weight bits x activation bits (`dsjax.precision.bit_ops`;
+    MACs = FLOPs / 2), so E[block i] = P(keep_i) sum_op P(op) MACs(op) x E_f[bits_f^2];
+  model bytes = weights x bits / 8 + 32-bit values x 4, the 32-bit ones being the op's
+    biases and BatchNorm scale and bias (`OpSpec.biases`), so E[block i] = P(keep_i)
+    sum_op P(op) ((params - biases) E_f[bits_f] / 8 + 4 biases).
+
+The stem and the head compute at the run's precision and are counted at 32 bits (1024
+bit-ops per MAC, 4 bytes per parameter), as is a derived block without a format. Without
+`precision_choices` the costs are only "flops" and "params", as before.
 """
 
 from __future__ import annotations
@@ -28,12 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.errors import ConfigError
 from dsjax.nas import ops as ops_lib
 from dsjax.nas import relaxation as relax_lib
 from dsjax.nas import space as space_lib
 from dsjax.nas.space import SearchSpace
+from dsjax.precision import quantize
 
 Cost = dict[str, Any]
+FULL_BITS = 32  # The stem, the head, biases and format-free blocks.
 
 
 def op_cost(candidate: str, c_in: Any, c_out: Any, out_hw: int,
@@ -84,31 +101,52 @@ def expected_cost(arch: Mapping[str, Any], space: SearchSpace, input_shape: Sequ
 
   Args:
     arch: the `arch` collection: {"block_i": {"op_logits", "channel_logits",
-      ["depth_logits"]}}.
+      ["depth_logits"], ["format_logits"]}}.
     space: the search space.
     input_shape: one image's (H, W, C).
     num_classes: classifier outputs.
 
   Returns:
     float32 scalars under the softmax distributions of the logits (whatever relaxation
-    the search uses: Gumbel sampling draws from the same distribution).
+    the search uses: Gumbel sampling draws from the same distribution); with
+    `space.precision_choices` also "bitops" and "model_bytes" (see the module docstring).
   """
   sizes = space_lib.spatial_sizes(space, input_shape)
   widths = jnp.asarray(space.channels, jnp.float32)
+  formats = space.precision_choices
   _, _, c_in = _stem_and_head(space, input_shape, num_classes, 0)
   c_in = jnp.asarray(c_in, jnp.float32)
-  flops = params = jnp.zeros((), jnp.float32)
+  flops = params = bitops = nbytes = jnp.zeros((), jnp.float32)
   for index, (height, width) in enumerate(sizes):
     block = arch[f"block_{index}"]
     p_op = relax_lib.probabilities(block["op_logits"])
     c_out = relax_lib.probabilities(block["channel_logits"]) @ widths
     keep = relax_lib.probabilities(block["depth_logits"])[1] if space.optional(index) else 1.0
+    block_flops = block_params = block_biases = jnp.zeros((), jnp.float32)
     for i, candidate in enumerate(space.candidates(index)):
       f, p = op_cost(candidate, c_in, c_out, height * width, space.batch_norm)
-      flops, params = flops + keep * p_op[i] * f, params + keep * p_op[i] * p
+      block_flops, block_params = block_flops + p_op[i] * f, block_params + p_op[i] * p
+      block_biases = block_biases + p_op[i] * _biases(candidate, c_in, c_out, space.batch_norm)
+    flops, params = flops + keep * block_flops, params + keep * block_params
+    if formats:
+      p_format = relax_lib.probabilities(block["format_logits"])
+      bitops = bitops + keep * quantize.expected_bit_ops(block_flops / 2, p_format, formats)
+      weight_bytes = quantize.model_bytes(block_params - block_biases,
+                                          quantize.expected_bits(p_format, formats))
+      nbytes = nbytes + keep * (weight_bytes + quantize.model_bytes(block_biases, FULL_BITS))
     c_in = keep * c_out + (1.0 - keep) * c_in
   f, p, _ = _stem_and_head(space, input_shape, num_classes, c_in)
-  return {"flops": flops + f, "params": params + p}
+  cost = {"flops": flops + f, "params": params + p}
+  if formats:
+    cost["bitops"] = bitops + quantize.bit_ops(f / 2, FULL_BITS, FULL_BITS)
+    cost["model_bytes"] = nbytes + quantize.model_bytes(p, FULL_BITS)
+  return cost
+
+
+def _biases(candidate: str, c_in: Any, c_out: Any, batch_norm: bool) -> Any:
+  # The op's parameters stored in 32 bits whatever its format (`OpSpec.biases`).
+  spec, kernel = ops_lib.get_op(ops_lib.op_family(candidate)), ops_lib.op_kernel(candidate)
+  return spec.biases(kernel, c_in, c_out, batch_norm)
 
 
 def exact_cost(choices: Sequence[Any], space: SearchSpace, input_shape: Sequence[int],
@@ -116,23 +154,33 @@ def exact_cost(choices: Sequence[Any], space: SearchSpace, input_shape: Sequence
   """Returns the exact {"flops", "params"} of a derived network.
 
   Args:
-    choices: one `BlockChoice` (op, channels, kept) per block position.
+    choices: one `BlockChoice` (op, channels, kept, format) per block position.
     space: the search space.
     input_shape: one image's (H, W, C).
     num_classes: classifier outputs.
 
   Returns:
-    Python ints.
+    Python ints; with formats (`space.precision_choices`, or any choice with a format)
+    also "bitops" and "model_bytes" (a float: 4-bit weights are half bytes), blocks
+    without a format counted at 32 bits.
   """
   sizes = space_lib.spatial_sizes(space, input_shape)
   _, _, c_in = _stem_and_head(space, input_shape, num_classes, 0)
-  flops = params = 0
+  flops = params = bitops = nbytes = 0
   for choice, (height, width) in zip(choices, sizes, strict=True):
     if choice.kept:
       f, p = op_cost(choice.op, c_in, choice.channels, height * width, space.batch_norm)
+      biases = _biases(choice.op, c_in, choice.channels, space.batch_norm)
+      bits = FULL_BITS if choice.format is None else quantize.get_format(choice.format).bits
+      bitops += quantize.bit_ops(f // 2, bits, bits)
+      nbytes += quantize.model_bytes(p - biases, bits) + quantize.model_bytes(biases, FULL_BITS)
       flops, params, c_in = flops + f, params + p, choice.channels
   f, p, _ = _stem_and_head(space, input_shape, num_classes, c_in)
-  return {"flops": int(flops + f), "params": int(params + p)}
+  cost = {"flops": int(flops + f), "params": int(params + p)}
+  if space.precision_choices or any(choice.format for choice in choices):
+    cost["bitops"] = int(bitops + quantize.bit_ops(f // 2, FULL_BITS, FULL_BITS))
+    cost["model_bytes"] = float(nbytes + quantize.model_bytes(p, FULL_BITS))
+  return cost
 
 
 def resource_penalty(expected: jax.Array, target: float, weight: float) -> jax.Array:
@@ -172,7 +220,8 @@ def make_arch_penalty(space: SearchSpace, input_shape: Sequence[int], num_classe
                       target_flops: float = 0.0, target_params: float = 0.0,
                       resource_weight: float = 0.0, param_free_weight: float = 0.0,
                       latency_table: Mapping[str, float] | None = None,
-                      target_latency: float = 0.0
+                      target_latency: float = 0.0, target_bitops: float = 0.0,
+                      target_model_bytes: float = 0.0
                       ) -> Callable[[Any], tuple[jax.Array, dict[str, jax.Array]]]:
   """Builds `penalty(arch) -> (scalar, metrics)` for the architecture objective.
 
@@ -186,17 +235,33 @@ def make_arch_penalty(space: SearchSpace, input_shape: Sequence[int], num_classe
     param_free_weight: weight of the `param_free_probability` collapse guard.
     latency_table: from `measure_latency_table`; enables the latency term.
     target_latency: latency budget in seconds; 0 = none.
+    target_bitops: bit-ops budget (MACs x weight bits x activation bits); 0 = none.
+    target_model_bytes: model-size budget in bytes; 0 = none.
 
   Returns:
-    The penalty function; metrics hold expected_flops, expected_params (and
-    expected_latency) for logging.
+    The penalty function; metrics hold expected_flops, expected_params (expected_bitops
+    and expected_model_bytes when formats are searched, and expected_latency) for logging.
+
+  Raises:
+    ConfigError: a bit-ops or bytes budget for a space that searches no format (it could
+      only act as a FLOPs or params budget; set one of those instead).
   """
+  if (target_bitops > 0 or target_model_bytes > 0) and not space.precision_choices:
+    raise ConfigError("resource.target_bitops and target_model_bytes budget a format "
+                      "search: set model.backbone.precision_choices, or budget "
+                      "target_flops/target_params instead")
+
   def penalty(arch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     cost = expected_cost(arch, space, input_shape, num_classes)
     total = (resource_penalty(cost["flops"], target_flops, resource_weight)
              + resource_penalty(cost["params"], target_params, resource_weight)
              + param_free_weight * param_free_probability(arch, space))
     metrics = {"expected_flops": cost["flops"], "expected_params": cost["params"]}
+    if space.precision_choices:
+      total = (total + resource_penalty(cost["bitops"], target_bitops, resource_weight)
+               + resource_penalty(cost["model_bytes"], target_model_bytes, resource_weight))
+      metrics["expected_bitops"] = cost["bitops"]
+      metrics["expected_model_bytes"] = cost["model_bytes"]
     if latency_table is not None:
       latency = expected_latency(arch, space, latency_table)
       total = total + resource_penalty(latency, target_latency, resource_weight)

@@ -9,6 +9,11 @@ when its keep probability is at least 1/2. The result is a JSON-ready dict:
                "kept": true}, ...],
    "probabilities": {"block_0": {"ops": {...}, "channels": {...}, "keep": 1.0}, ...}}
 
+With `precision_choices` in the space, each block also gets its most probable numeric
+`"format"` ("int8"), the probabilities a `"formats"` table, and the summary fields
+`"bitops"` and `"model_bytes"` (`dsjax.nas.cost`); without, none of these appear, and
+files written before formats could be searched still load.
+
 `load_architecture` validates a file against the search space of the run that loads it
 and names the offending field in a ConfigError.
 """
@@ -25,6 +30,7 @@ import numpy as np
 from dsjax.errors import ConfigError
 from dsjax.nas import cost as cost_lib
 from dsjax.nas import ops as ops_lib
+from dsjax.nas import space as space_lib
 from dsjax.nas.space import BlockChoice, SearchSpace
 
 FORMAT = "dsjax-dnas-architecture"
@@ -41,7 +47,8 @@ def _softmax(logits: Any) -> np.ndarray:
 
 
 def probabilities(arch: Mapping[str, Any], space: SearchSpace) -> dict[str, Any]:
-  """Returns {"block_i": {"ops": {name: p}, "channels": {width: p}, "keep": p}} as floats."""
+  """Returns {"block_i": {"ops": {name: p}, "channels": {width: p}, "keep": p}} as floats,
+  and "formats": {name: p} per block when the space searches formats."""
   out = {}
   for index in range(space.num_blocks):
     block = arch[f"block_{index}"]
@@ -52,6 +59,10 @@ def probabilities(arch: Mapping[str, Any], space: SearchSpace) -> dict[str, Any]
         "ops": {c: float(p) for c, p in zip(space.candidates(index), ops, strict=True)},
         "channels": {str(c): float(p) for c, p in zip(space.channels, widths, strict=True)},
         "keep": keep}
+    if space.precision_choices:
+      formats = _softmax(block["format_logits"])
+      out[f"block_{index}"]["formats"] = {
+          f: float(p) for f, p in zip(space.precision_choices, formats, strict=True)}
   return out
 
 
@@ -59,9 +70,9 @@ def flat_probabilities(arch: Mapping[str, Any], space: SearchSpace) -> dict[str,
   """Returns scalar metrics "arch/block_0/op/conv_3x3", ".../channels/16", ".../keep"."""
   flat = {}
   for name, block in probabilities(arch, space).items():
-    for kind in ("ops", "channels"):
-      for choice, p in block[kind].items():
-        flat[f"arch/{name}/{kind[:-1] if kind == 'ops' else kind}/{choice}"] = p
+    for kind, label in (("ops", "op"), ("channels", "channels"), ("formats", "format")):
+      for choice, p in block.get(kind, {}).items():
+        flat[f"arch/{name}/{label}/{choice}"] = p
     flat[f"arch/{name}/keep"] = block["keep"]
   return flat
 
@@ -89,6 +100,8 @@ def derive(arch: Mapping[str, Any], space: SearchSpace, *, input_shape: Sequence
     blocks.append({"index": index, "op": ops_lib.op_family(op),
                    "kernel_size": ops_lib.op_kernel(op), "channels": channels,
                    "stride": space.stride(index), "kept": block["keep"] >= 0.5})
+    if "formats" in block:
+      blocks[-1]["format"] = max(block["formats"], key=block["formats"].get)
   return _finish(blocks, space, input_shape, num_classes, probs)
 
 
@@ -100,6 +113,8 @@ def _finish(blocks: list[dict[str, Any]], space: SearchSpace, input_shape: Seque
          "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
          "depth": sum(b["kept"] for b in blocks), "flops": cost["flops"],
          "params": cost["params"], "blocks": blocks}
+  if "bitops" in cost:
+    out["bitops"], out["model_bytes"] = cost["bitops"], cost["model_bytes"]
   if probs is not None:
     out["probabilities"] = probs
   return out
@@ -118,8 +133,9 @@ def choices_from_dict(architecture: Mapping[str, Any]) -> tuple[BlockChoice, ...
   """
   return tuple(
       BlockChoice(ops_lib.candidate_name(b["op"], b.get("kernel_size")), int(b["channels"]),
-                  bool(b.get("kept", True)))
+                  bool(b.get("kept", True)), b.get("format"))
       for b in architecture["blocks"])
+
 
 def validate_architecture(architecture: Any, space: SearchSpace,
                           source: str = "architecture") -> dict[str, Any]:
@@ -180,6 +196,15 @@ def validate_architecture(architecture: Any, space: SearchSpace,
                  f"(min_channels..max_channels in {space.channel_choices} steps)")
     normalised.append({"index": index, "op": op, "kernel_size": kernel, "channels": channels,
                        "stride": space.stride(index), "kept": kept})
+    if "format" in block:
+      fmt = block["format"]
+      if not space.precision_choices:
+        raise fail(f"{where}.format", f"is {fmt!r} but the run's backbone searches no "
+                   "format; set model.backbone.precision_choices to the searched ones")
+      if fmt not in space.precision_choices:
+        raise fail(f"{where}.format", f"is {fmt!r}; allowed {list(space.precision_choices)} "
+                   "(model.backbone.precision_choices)")
+      normalised[-1]["format"] = fmt
   depth = sum(b["kept"] for b in normalised)
   if "depth" in architecture and architecture["depth"] != depth:
     raise fail("depth", f"is {architecture['depth']!r} but {depth} blocks are kept")
@@ -240,6 +265,24 @@ def load_architecture(path: str, space: SearchSpace) -> dict[str, Any]:
   return validate_architecture(architecture, space, source=path)
 
 
+def derived_precision_cost(model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """Returns {"model_bytes", "bitops"} of the derived network a model config retrains.
+
+  For `summary.json`: empty unless the config retrains an architecture file
+  (`model.architecture`) some of whose blocks have a numeric format.
+
+  Args:
+    model_config: the `model` config section.
+  """
+  path = model_config.get("architecture") or ""
+  if not path or "backbone" not in model_config:
+    return {}
+  architecture = load_architecture(path, space_lib.from_config(model_config["backbone"]))
+  if not any("format" in block for block in architecture["blocks"]):
+    return {}
+  return {"model_bytes": architecture["model_bytes"], "bitops": architecture["bitops"]}
+
+
 def format_probabilities(arch: Mapping[str, Any], space: SearchSpace, top: int = 4) -> str:
   """Returns a plain-text table of the architecture distribution, one row per block.
 
@@ -249,19 +292,24 @@ def format_probabilities(arch: Mapping[str, Any], space: SearchSpace, top: int =
     top: how many most-probable ops to list per block.
 
   Returns:
-    Columns: block, stride, keep probability, top ops and all widths with probabilities;
-    the derived choice is the first op and the starred width.
+    Columns: block, stride, keep probability, top ops and all widths with probabilities,
+    and, when formats are searched, all formats; the derived choice is the first op and
+    the starred width and format.
   """
-  rows = [("block", "stride", "keep", "ops (most probable first)", "channels")]
+  def starred(choices: Mapping[str, float]) -> str:
+    best = max(choices, key=choices.get)
+    return "  ".join(f"{c}{'*' if c == best else ''}:{p:.2f}" for c, p in choices.items())
+
+  searched = bool(space.precision_choices)
+  rows = [("block", "stride", "keep", "ops (most probable first)", "channels")
+          + (("formats",) if searched else ())]
   for name, block in probabilities(arch, space).items():
     index = int(name.split("_")[1])
     ops = sorted(block["ops"].items(), key=lambda item: -item[1])[:top]
-    best = max(block["channels"], key=block["channels"].get)
-    widths = "  ".join(f"{c}{'*' if c == best else ''}:{p:.2f}"
-                       for c, p in block["channels"].items())
     keep = f"{block['keep']:.2f}" if space.optional(index) else "-"
     rows.append((str(index), str(space.stride(index)), keep,
-                 "  ".join(f"{op} {p:.2f}" for op, p in ops), widths))
+                 "  ".join(f"{op} {p:.2f}" for op, p in ops), starred(block["channels"]))
+                + ((starred(block["formats"]),) if searched else ()))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                    for row in rows)

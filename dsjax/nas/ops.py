@@ -12,6 +12,14 @@ cannot be declared, so a resource penalty never meets an op it counts as free by
 
 The derived form of a candidate is its family and kernel size, as `architecture.json`
 stores them: "sep_conv_5x5" is ("sep_conv", 5), "identity" is ("identity", None).
+
+Numeric formats. An op with `formats=True` computes in a numeric format given at call
+time (`Op.__call__(..., numeric_format="int8")`): its build takes a `numeric_format`
+keyword and hands it to its `dsjax.nn.Conv` layers, which quantize (or cast) their kernel
+and inputs. A call-time argument, not an attribute, so the format search can call one op
+(one set of weights) under every candidate format, and the derived block runs the very
+same code with its one format. Its `biases` formula counts the parameters kept at 32 bits
+(biases, BatchNorm scale and bias) for the model-bytes cost.
 """
 
 from __future__ import annotations
@@ -30,11 +38,17 @@ from dsjax.precision import LayerPrecision
 
 # `build(op, x, kernel_size, train) -> y`: runs inside `Op.__call__`, so the layers it
 # creates are `op`'s submodules (named as the op's parameters are: "conv", "bn", ...).
-Build = Callable[["Op", jax.Array, int | None, bool], jax.Array]
+# With `formats=True` it also takes a `numeric_format=` keyword.
+Build = Callable[..., jax.Array]
 # `flops(kernel_size, c_in, c_out, out_hw)` and `params(kernel_size, c_in, c_out,
 # batch_norm)`: plain arithmetic, so they take Python numbers and traced expectations alike.
 Flops = Callable[[int | None, Any, Any, int], Any]
 Params = Callable[[int | None, Any, Any, bool], Any]
+
+
+def _no_params(k: int | None, c_in: Any, c_out: Any, batch_norm: bool) -> Any:
+  return 0 * c_out  # Keeps a traced width's type: the formulas take expectations too.
+
 
 _REGISTRY: dict[str, OpSpec] = {}
 
@@ -52,6 +66,10 @@ class OpSpec:
     sized: one candidate per kernel size of the space; False: one candidate, `name`.
     strided: may sit in a block with stride > 1 (identity may not).
     param_free: has no parameters (identity, zero), what DARTS-style searches drift to.
+    formats: the build takes a `numeric_format` keyword (see the module docstring), so
+      spaces with `precision_choices` may offer the op; param-free ops need none.
+    biases: of `params`, those stored in 32 bits whatever the format (biases, BatchNorm
+      scale and bias); the rest are weights in the block's format. Needed with `formats`.
   """
 
   name: str
@@ -61,6 +79,8 @@ class OpSpec:
   sized: bool = True
   strided: bool = True
   param_free: bool = False
+  formats: bool = False
+  biases: Params = _no_params
 
   def __post_init__(self) -> None:
     for formula in ("flops", "params"):
@@ -155,9 +175,17 @@ class Op(nn.Module):
   affine: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               numeric_format: str | None = None) -> jax.Array:
+    """Applies the op; `numeric_format` (a `dsjax.precision.FORMATS` name) sets the format
+    its convolutions compute in (None: the run's precision). Param-free ops ignore it."""
     spec = get_op(op_family(self.candidate))
-    return spec.build(self, x, op_kernel(self.candidate), train)
+    if numeric_format is None or spec.param_free:
+      return spec.build(self, x, op_kernel(self.candidate), train)
+    if not spec.formats:
+      raise ConfigError(f"op {spec.name!r} cannot compute in numeric format "
+                        f"{numeric_format!r} (its OpSpec has formats=False)")
+    return spec.build(self, x, op_kernel(self.candidate), train, numeric_format=numeric_format)
 
 
 def normalise_and_activate(op: Op, y: jax.Array, train: bool) -> jax.Array:
@@ -173,18 +201,21 @@ def _bias(c_out: Any, batch_norm: bool) -> Any:
   return 2 * c_out if batch_norm else c_out
 
 
-def _conv(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
+def _conv(op: Op, x: jax.Array, k: int | None, train: bool,
+          numeric_format: str | None = None) -> jax.Array:
   y = dsnn.Conv(op.features, (k, k), strides=op.stride, use_bias=not op.batch_norm,
-                name="conv", precision=op.precision)(x)
+                name="conv", precision=op.precision)(x, numeric_format=numeric_format)
   return normalise_and_activate(op, y, train)
 
 
-def _sep_conv(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
-  # Depthwise k x k (no bias), then pointwise 1 x 1.
+def _sep_conv(op: Op, x: jax.Array, k: int | None, train: bool,
+              numeric_format: str | None = None) -> jax.Array:
+  # Depthwise k x k (no bias), then pointwise 1 x 1; both in the block's format.
   y = dsnn.Conv(x.shape[-1], (k, k), strides=op.stride, use_bias=False,
-                feature_group_count=x.shape[-1], name="depthwise", precision=op.precision)(x)
+                feature_group_count=x.shape[-1], name="depthwise", precision=op.precision)(
+                    x, numeric_format=numeric_format)
   y = dsnn.Conv(op.features, (1, 1), use_bias=not op.batch_norm, name="pointwise",
-                precision=op.precision)(y)
+                precision=op.precision)(y, numeric_format=numeric_format)
   return normalise_and_activate(op, y, train)
 
 
@@ -202,16 +233,17 @@ def _zero(op: Op, x: jax.Array, k: int | None, train: bool) -> jax.Array:
 register_op(OpSpec(
     "conv", _conv,
     flops=lambda k, c_in, c_out, out_hw: 2 * out_hw * k * k * c_in * c_out,
-    params=lambda k, c_in, c_out, batch_norm: k * k * c_in * c_out + _bias(c_out, batch_norm)))
+    params=lambda k, c_in, c_out, batch_norm: k * k * c_in * c_out + _bias(c_out, batch_norm),
+    formats=True, biases=lambda k, c_in, c_out, batch_norm: _bias(c_out, batch_norm)))
 register_op(OpSpec(
     "sep_conv", _sep_conv,
     flops=lambda k, c_in, c_out, out_hw: 2 * out_hw * (k * k * c_in + c_in * c_out),
     params=lambda k, c_in, c_out, batch_norm: (k * k * c_in + c_in * c_out
-                                               + _bias(c_out, batch_norm))))
+                                               + _bias(c_out, batch_norm)),
+    formats=True, biases=lambda k, c_in, c_out, batch_norm: _bias(c_out, batch_norm)))
 register_op(OpSpec(
     "identity", _identity, flops=lambda k, c_in, c_out, out_hw: 0 * c_out,
-    params=lambda k, c_in, c_out, batch_norm: 0 * c_out, sized=False, strided=False,
-    param_free=True))
+    params=_no_params, sized=False, strided=False, param_free=True))
 register_op(OpSpec(
     "zero", _zero, flops=lambda k, c_in, c_out, out_hw: 0 * c_out,
-    params=lambda k, c_in, c_out, batch_norm: 0 * c_out, sized=False, param_free=True))
+    params=_no_params, sized=False, param_free=True))

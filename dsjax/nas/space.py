@@ -11,6 +11,11 @@ Candidate names are "conv_3x3", "sep_conv_5x5", "identity", "zero": the op famil
 declared in `dsjax.nas.ops`, each with its module, cost formulas and derived form. Identity
 is offered only in stride-1 blocks; where its input and output widths differ it zero-pads
 or drops trailing channels, which is exactly what the supernet's channel masks compute.
+
+With `precision_choices` (names in `dsjax.precision.FORMATS`) each block also chooses the
+numeric format its convolutions compute in, weights and input activations alike; empty
+(the default) searches no format, and the space, its `arch` collection and its costs are
+exactly those of a format-free search.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 
 from dsjax.errors import ConfigError
 from dsjax.nas import ops as ops_lib
+from dsjax.precision import quantize
 
 OPS = ops_lib.known_ops()  # The built-in ops (conv, sep_conv, identity, zero): the default.
 HEADS = ("pool", "flatten", "none")
@@ -38,11 +44,14 @@ class BlockChoice:
     op: candidate name, e.g. "conv_3x3", "sep_conv_5x5", "identity", "zero".
     channels: output width.
     kept: False for a skipped optional block (then op and channels are ignored).
+    format: the numeric format of the block's convolutions (a name in
+      `dsjax.precision.FORMATS`); None: the run's precision, as without a format search.
   """
 
   op: str
   channels: int
   kept: bool = True
+  format: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,9 @@ class SearchSpace:
       statistics live in "batch_stats". As in DARTS, the supernet's BatchNorms are
       affine-free during the search (no scale or bias) and the derived network's learn a
       per-channel scale and bias.
+    precision_choices: numeric formats each block may compute in (`dsjax.precision.FORMATS`
+      names, e.g. ("float32", "bfloat16", "int8", "int4")); empty: no format search. The
+      stem and the classifier head always compute at the run's precision.
   """
 
   min_channels: int = 16
@@ -81,9 +93,10 @@ class SearchSpace:
   head: str = "pool"
   activation: str = "relu"
   batch_norm: bool = False
+  precision_choices: tuple[str, ...] = ()
 
   def __post_init__(self) -> None:
-    for name in ("depth_range", "kernel_sizes", "ops", "strides"):
+    for name in ("depth_range", "kernel_sizes", "ops", "strides", "precision_choices"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     problems = self.problems()
     if problems:
@@ -120,6 +133,18 @@ class SearchSpace:
       out.append(f"head must be one of {HEADS}, got {self.head!r}")
     if self.activation not in ACTIVATIONS:
       out.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    unknown_formats = [f for f in self.precision_choices if f not in quantize.FORMATS]
+    if unknown_formats:
+      out.append(f"precision_choices {self.precision_choices} has unknown format(s) "
+                 f"{unknown_formats}; use names from {', '.join(quantize.FORMATS)}")
+    elif len(set(self.precision_choices)) != len(self.precision_choices):
+      out.append(f"precision_choices {self.precision_choices} repeats a format; list each once")
+    if self.precision_choices and not unknown:
+      unformatted = [op for op in self.ops if not ops_lib.get_op(op).param_free
+                     and not ops_lib.get_op(op).formats]
+      if unformatted:
+        out.append(f"ops {unformatted} cannot compute in a searched numeric format (their "
+                   "OpSpec has formats=False); drop them or set precision_choices=()")
     if not out and any(not self.candidates(i) for i in range(self.num_blocks)):
       strided = [op for op in known if ops_lib.get_op(op).strided]
       out.append(f"ops {self.ops} leave a strided block with no candidate; add one of "
@@ -151,9 +176,14 @@ class SearchSpace:
                  ops_lib.get_op(family).candidates(self.kernel_sizes, self.stride(index)))
 
   def to_dict(self) -> dict[str, Any]:
-    """Returns a JSON-serialisable form (tuples as lists)."""
+    """Returns a JSON-serialisable form (tuples as lists).
+
+    An empty `precision_choices` is left out, so a format-free space writes the same
+    `architecture.json` as before formats could be searched.
+    """
     return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-            for f in dataclasses.fields(self)}
+            for f in dataclasses.fields(self)
+            if f.name != "precision_choices" or self.precision_choices}
 
 
 def spatial_sizes(space: SearchSpace, input_shape: tuple[int, ...]) -> list[tuple[int, int]]:

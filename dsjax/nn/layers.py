@@ -9,6 +9,13 @@ products stay in half precision too), biases are added in float32, and the resul
 rounded once to the layer dtype. Numerically sensitive reductions (LayerNorm
 statistics, softmax) are always float32, as in PyTorch AMP.
 
+`Dense` and `Conv` also take a call-time `numeric_format` (a `dsjax.precision.FORMATS`
+name): the kernel (one scale per output channel) and the inputs (one per tensor) are then
+rounded to that format (`dsjax.precision.apply_format`: fake quantization with a
+straight-through gradient for integers, a cast and back for floats) before the product,
+which still accumulates in float32 in the layer dtype. A DNAS format search calls one layer
+under several formats with the same weights; the derived network calls it with its one.
+
 Layers sow `max_abs` and `nonfinite` of their output into the "precision_stats"
 collection when it is mutable (not during init), for a precision controller to read.
 """
@@ -26,6 +33,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from dsjax.errors import ConfigError
 from dsjax.nn import matmul
+from dsjax.precision import quantize
 from dsjax.precision.plan import LayerPrecision
 
 Initializer = Callable[..., jax.Array]
@@ -59,6 +67,20 @@ def sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
   module.sow(STATS, "matmul_flops", jnp.asarray(float(matmul_flops), jnp.float32))
 
 
+def in_format(x: jax.Array, numeric_format: str | None, dtype: Any,
+              channel_axis: Any = None) -> jax.Array:
+  """Returns `x` rounded to `numeric_format` (None: unchanged), in `dtype`.
+
+  The rounding is computed in float32 (master weights may be kept in bfloat16), so an
+  integer format's levels and scales are exact before the one cast to the layer dtype.
+  """
+  if numeric_format is None:
+    return x.astype(dtype)
+  rounded = quantize.apply_format(x.astype(jnp.float32), numeric_format,
+                                  channel_axis=channel_axis)
+  return rounded.astype(dtype)
+
+
 def _features(features: int | Sequence[int]) -> tuple[int, ...]:
   return (features,) if isinstance(features, int) else tuple(features)
 
@@ -88,7 +110,9 @@ class Dense(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, numeric_format: str | None = None) -> jax.Array:
+    """Returns inputs @ kernel + bias; `numeric_format` rounds kernel and inputs first (see
+    the module docstring)."""
     precision = self.precision
     if precision.matmul_impl not in MATMUL_IMPLS:
       raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got "
@@ -111,16 +135,18 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[1:]),
                         features, self.param_dtype)
+    # One scale per output unit: every kernel axis but the input one.
+    x = in_format(inputs, numeric_format, dtype)
+    w = in_format(kernel, numeric_format, dtype, tuple(range(1, kernel.ndim)))
     if precision.matmul_impl == "pallas":
       # The Pallas kernel: half-precision inputs, float32 accumulation and bias, one cast.
-      flat_kernel = kernel.reshape(kernel.shape[0], -1).astype(dtype)
+      flat_kernel = w.reshape(kernel.shape[0], -1)
       flat_bias = None if bias is None else bias.reshape(-1).astype(jnp.float32)
-      y = pallas_kernels.matmul(inputs.astype(dtype), flat_kernel, bias=flat_bias,
-                                out_dtype=dtype)
+      y = pallas_kernels.matmul(x, flat_kernel, bias=flat_bias, out_dtype=dtype)
       y = y.reshape(*inputs.shape[:-1], *features)
     else:
       dims = (((inputs.ndim - 1,), (0,)), ((), ()))
-      y = matmul.dot_general(inputs.astype(dtype), kernel.astype(dtype), dims)
+      y = matmul.dot_general(x, w, dims)
       if bias is not None:
         y = y + bias.astype(jnp.float32)
     y = y.astype(dtype)
@@ -160,7 +186,9 @@ class Conv(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, numeric_format: str | None = None) -> jax.Array:
+    """Convolves NHWC `inputs`; `numeric_format` rounds kernel (per output channel) and
+    inputs (per tensor) first (see the module docstring)."""
     in_features = inputs.shape[-1]
     if in_features % self.feature_group_count or self.features % self.feature_group_count:
       raise ValueError(f"input ({in_features}) and output ({self.features}) channels must be "
@@ -172,7 +200,8 @@ class Conv(nn.Module):
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
     y = matmul.conv_general_dilated(
-        inputs.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
+        in_format(inputs, numeric_format, dtype), in_format(kernel, numeric_format, dtype, -1),
+        window_strides=strides, padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init,

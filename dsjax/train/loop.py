@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from dsjax import data, measure, plots
+from dsjax import data, measure, nas, plots
 from dsjax.config import base_config, with_model_defaults
 from dsjax.parallel import compression as compression_lib
 from dsjax.parallel import distributed, sharding
@@ -545,6 +545,7 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     summary["comm_bytes_dense"] = int(dense_bytes or summary["comm_bytes"])
   if loop.train_time > 0:
     summary["train_time_s"] = loop.train_time
+  summary.update(nas.derived_precision_cost(config.model))  # A searched format network's.
   evaluated = [split for split in ("val", "test")
                if dataset.splits.get(split) and data.num_examples(dataset.splits[split])]
   for split in evaluated:

@@ -139,6 +139,8 @@ def _search(plan: RunPlan, workdir: Path, checkpointer: Any,
   penalty = nas.make_arch_penalty(
       search_space, dataset.input_shape, dataset.num_classes,
       target_flops=config.resource.target_flops, target_params=config.resource.target_params,
+      target_bitops=config.resource.target_bitops,
+      target_model_bytes=config.resource.target_model_bytes,
       resource_weight=config.resource.penalty_weight,
       param_free_weight=search_config.param_free_weight)
   aux_skip = (optax.linear_schedule(search_config.aux_skip, 0.0, plan.steps)
@@ -221,6 +223,7 @@ def _search(plan: RunPlan, workdir: Path, checkpointer: Any,
              "compile_time_s": loop.compile_time,
              "flops": architecture["flops"], "params": architecture["params"],
              "depth": architecture["depth"], "mesh": dict(mesh.shape),
+             **{k: architecture[k] for k in ("bitops", "model_bytes") if k in architecture},
              "processes": jax.process_count(), "precision": config.precision.policy,
              "skipped_steps": int(state.loss_scale.skipped_steps), **losses}
   if distributed.is_primary():
