@@ -1,6 +1,7 @@
 """Command-line entry points: `dsjax-train` (also `python -m dsjax.train`),
 `dsjax-profile` (also `python -m dsjax.profile`), `dsjax-search` (also
-`python -m dsjax.nas`), `dsjax-export` and `dsjax-plot`.
+`python -m dsjax.nas`), `dsjax-export`, `dsjax-plot` and `dsjax-data` (also
+`python -m dsjax.data`).
 
   dsjax-train --model cnn-digits --precision fp32 --batch-size 64 \\
       --gradient-accumulation 2 --steps 300 --workdir runs/digits
@@ -22,6 +23,7 @@ import logging
 import re
 import sys
 import textwrap
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -513,3 +515,105 @@ def export_main(argv: Sequence[str] | None = None) -> None:
                         if isinstance(value, float))
     print(f"  {name:<10} {files}; max |diff| from dsjax {entry['max_abs_diff']:.2e}; "
           f"test {metrics}")
+
+
+DATA_FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string("input", None, "Input glob, file or folder (repeatable).",
+                          flag_values=DATA_FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=DATA_FLAGS)
+flags.DEFINE_integer("vocab-size", None, "WordPiece vocabulary to train.", flag_values=DATA_FLAGS)
+flags.DEFINE_string("vocab-file", None, "Pretrained vocab.txt to use.", flag_values=DATA_FLAGS)
+flags.DEFINE_integer("workers", 1, "Tokenizing processes.", flag_values=DATA_FLAGS)
+flags.DEFINE_integer("shard-tokens", None, "Tokens per shard.", flag_values=DATA_FLAGS)
+_DATA_USAGE = """usage: dsjax-data prepare-text --input GLOB --out PREP
+           [--vocab-size N | --vocab-file FILE] [--workers K] [--shard-tokens T]
+
+prepare-text tokenizes a text corpus once, so that training reads token shards instead of
+re-tokenizing at every start: --config.data.name=text --config.data.data_dir=PREP gives
+the same sequences and splits as the documents in memory. It trains the lowercasing BERT
+WordPiece tokenizer of data.name=text on the corpus, streaming (or uses --vocab-file),
+tokenizes in --workers processes, and writes PREP/shard-*.tokens.bin (uint16 or uint32
+ids), shard-*.offsets.npy (document starts), vocab.txt, tokenizer.json and, last,
+manifest.json (counts, sha256 of every file, format version). Rerunning the same command
+skips finished shards and redoes missing or damaged ones. Python:
+dsjax.data.prepare.prepare_text(inputs, out, ...).
+
+flags:
+  --input GLOB
+      A glob (quote it; ** is recursive), file or folder of .txt (blank-line-separated
+      paragraphs are documents), .jsonl (field "text", one document per line), .parquet
+      (column "text") or a Hugging Face datasets save_to_disk folder; repeatable.
+      Parquet and datasets folders need pyarrow: pip install 'dsjax[data]'
+  --out PREP
+      The output folder: new, empty, or one this command wrote from the same inputs
+  --vocab-size N
+      Vocabulary to train, special tokens included (default: 8192)
+  --vocab-file FILE
+      A pretrained BERT vocab.txt instead of training one
+  --workers K
+      Tokenizing processes (default: 1)
+  --shard-tokens T
+      A shard ends with the document that takes it to T tokens (default: 67108864)
+
+example:
+  dsjax-data prepare-text --input 'corpus/**/*.txt' --out prep --vocab-size 30522 --workers 8
+"""
+
+
+def data_main(argv: Sequence[str] | None = None) -> None:
+  """Entry point of `dsjax-data` (also `python -m dsjax.data`): `prepare-text`."""
+  argv = list(sys.argv if argv is None else argv)
+  if _help_requested(argv) is not None:
+    print(_DATA_USAGE, end="")
+    sys.exit(0)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  start = time.perf_counter()
+  try:
+    DATA_FLAGS.unparse_flags()  # In-process callers (tests) parse more than once.
+    try:
+      rest = DATA_FLAGS(argv)[1:]
+    except flags.Error as error:
+      raise ConfigError(str(error)) from error
+    if not rest or rest[0] != "prepare-text":
+      raise ConfigError("give a command: dsjax-data prepare-text --input GLOB --out PREP; see "
+                        "dsjax-data --help")
+    if rest[1:]:
+      raise ConfigError(f"unexpected argument {rest[1]!r}; quote the --input pattern so that "
+                        "the shell passes it on unexpanded, or repeat --input per file")
+    if not DATA_FLAGS.input:
+      raise ConfigError("--input is required: a glob such as 'DIR/**/*.txt', a file or a folder")
+    if not DATA_FLAGS.out:
+      raise ConfigError("--out is required: the folder to write the prepared corpus to")
+    from dsjax.data import prepare  # noqa: PLC0415 - imports the tokenizer and numpy.
+
+    manifest_file = Path(DATA_FLAGS.out).expanduser() / "manifest.json"
+    before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
+    shard_tokens = DATA_FLAGS["shard-tokens"].value or prepare.DEFAULT_SHARD_TOKENS
+    manifest = prepare.prepare_text(
+        DATA_FLAGS.input, DATA_FLAGS.out, vocab_size=DATA_FLAGS["vocab-size"].value,
+        vocab_file=DATA_FLAGS["vocab-file"].value, workers=DATA_FLAGS.workers,
+        shard_tokens=shard_tokens, progress=sys.stderr.isatty())
+  except DsjaxError as error:
+    message = " ".join(str(error).split())
+  except KeyboardInterrupt:
+    message = "interrupted; rerun the same command to continue (finished shards are kept)"
+  except OSError as error:  # A full disk, say.
+    where = f" ({error.filename})" if error.filename else ""
+    message = f"{describe_os_error(error)}{where}; fix that and rerun the same command"
+  else:
+    message = None
+  if message is not None:
+    print(f"dsjax-data: error: {message}", file=sys.stderr)
+    sys.exit(2)
+  counts, vocabulary = manifest["counts"], manifest["vocabulary"]
+  seconds = time.perf_counter() - start
+  rate = ("already prepared; nothing to do" if before == manifest_file.stat().st_mtime_ns
+          else f"{seconds:.1f} s, {counts['text_bytes'] / 1e6 / seconds:.2f} MB/s of text")
+  print(f"{DATA_FLAGS.out}: {counts['documents']:,} documents, {counts['tokens']:,} tokens "
+        f"({counts['text_bytes'] / 1e6:,.1f} MB of text) in {counts['shards']} "
+        f"{manifest['token_dtype']} shard(s), vocabulary {vocabulary['vocab_size']:,}; {rate}")
+  size = ("--config.data.vocab_file=" + str(Path(DATA_FLAGS.out) / vocabulary["file"])
+          if vocabulary["source"] == "vocab_file"
+          else f"--config.data.vocab_size={vocabulary['requested_size']}")
+  print(f"train on it with --config.data.name=text --config.data.data_dir={DATA_FLAGS.out} "
+        f"{size}")

@@ -6,17 +6,20 @@ per topic, in key order. Otherwise `data_dir` is a UTF-8 text file or a folder s
 recursively for `*.txt` files (in sorted path order), and every blank-line-separated
 paragraph of every file is one document. Paragraphs rather than files are the unit so
 that a single file, or a handful of files, can still be split into train/val/test;
-paragraphs of one file may therefore land in different splits.
+paragraphs of one file may therefore land in different splits. A `data_dir` written by
+`dsjax-data prepare-text` (it holds a `manifest.json`; see `dsjax.data.prepare`) is the
+third source: its token shards are memory-mapped instead of tokenizing again, and give
+the same Dataset as the documents it was prepared from.
 
 Tokenizer. A lowercasing BERT WordPiece tokenizer (BertNormalizer, BertPreTokenizer,
 `##` continuation prefix, special tokens [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4)
 trained with the `tokenizers` package on the whole corpus (all splits: the vocabulary
 is a property of the corpus, like a character set, and does not depend on the split
-seed). Training is deterministic, and the result is cached as JSON in `cache_dir`
-under a name keyed by a hash of the corpus text and the vocabulary size, so later
-loads of the same corpus reuse it. The trained vocabulary can be smaller than asked
-for (a small corpus runs out of merges) or larger (the whole character set is kept);
-`Dataset.num_classes` is always the real size.
+seed). Training is deterministic and can stream (a corpus need not fit in memory); the
+result is cached as JSON in `cache_dir` under a name keyed by a hash of the corpus text
+and the vocabulary size, so later loads of the same corpus reuse it. The trained
+vocabulary can be smaller than asked for (a small corpus runs out of merges) or larger
+(the whole character set is kept); `Dataset.num_classes` is always the real size.
 
 Splits. Documents, not sequences, are split: test is 10% of the documents (at least
 one), val is `val_fraction` of the rest (at least one unless `val_fraction` is 0, when
@@ -43,7 +46,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.data import shards
 from dsjax.data.dataset import Dataset, check_val_fraction, register_dataset, split_train_val
 from dsjax.errors import DataError
 
@@ -189,7 +193,99 @@ def _untrained_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
   return tokenizer
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+def _is_word_character(pre_tokenizer: Any, char: str) -> bool:
+  """Whether the pre-tokenizer keeps `char` inside a word (not whitespace, not punctuation)."""
+  return len(pre_tokenizer.pre_tokenize_str(f"a{char}a")) == 1
+
+
+def _continuations_exact(scratch: Tokenizer, texts: Iterable[str]) -> set[str]:
+  """The characters after the first of every pre-tokenized word, word by word (slow)."""
+  continuations = set()
+  for text in texts:
+    words = scratch.pre_tokenizer.pre_tokenize_str(scratch.normalizer.normalize_str(text))
+    for word, _ in words:
+      continuations.update(word[1:])
+  return continuations
+
+
+class _ContinuationScan:
+  """Finds the continuation characters of a corpus from per-character tables.
+
+  `normalize_str` and `pre_tokenize_str` on the whole corpus cost more than encoding it.
+  BertNormalizer maps each character on its own (cleaning, CJK spacing, accent
+  stripping, lowercasing), except that NFD reorders runs of combining marks, and
+  BertPreTokenizer classes each normalized character on its own. So the normalized
+  text is the concatenation of each raw character's normalized form, and a character
+  continues a word exactly when it and the character before it are word characters.
+  A text holding a character whose normalized form keeps a combining mark (where the
+  reordering could change the order) is scanned word by word instead.
+  """
+
+  _SIZE = 0x110000  # Every Unicode code point.
+  _BATCH_CHARS = 1 << 22
+
+  def __init__(self, scratch: Tokenizer):
+    self.scratch = scratch
+    self.normalized: dict[int, str] = {}
+    self.inner: dict[int, set[str]] = {}  # Continuations inside one character's form.
+    self.risky = np.zeros(self._SIZE, bool)
+    self.kept = np.zeros(self._SIZE, bool)  # Not removed by the normalizer.
+    self.first_is_word = np.zeros(self._SIZE, bool)
+    self.last_is_word = np.zeros(self._SIZE, bool)
+    self.continuations: set[str] = set()
+    self.count = 0
+
+  def _learn(self, code: int) -> None:
+    import unicodedata  # noqa: PLC0415 - only the scan needs it.
+
+    out = self.scratch.normalizer.normalize_str(chr(code))
+    self.normalized[code] = out
+    self.inner[code] = set()
+    if not out:
+      return
+    word = [_is_word_character(self.scratch.pre_tokenizer, c) for c in out]
+    self.kept[code] = True
+    self.first_is_word[code], self.last_is_word[code] = word[0], word[-1]
+    self.risky[code] = any(unicodedata.combining(c) for c in out)
+    self.inner[code] = {c for i, c in enumerate(out) if i and word[i] and word[i - 1]}
+
+  def _scan(self, batch: list[str]) -> None:
+    joined = "\n\n".join(batch)  # A blank line is whitespace: no word spans two texts.
+    codes = np.frombuffer(joined.encode("utf-32-le"), np.uint32)
+    present = np.zeros(self._SIZE, bool)
+    present[codes] = True
+    distinct = np.flatnonzero(present).tolist()
+    for code in distinct:
+      if code not in self.normalized:
+        self._learn(code)
+    if self.risky[present].any():
+      self.continuations |= _continuations_exact(self.scratch, batch)
+      return
+    for code in distinct:
+      self.continuations |= self.inner[code]
+    kept = codes[self.kept[codes]]
+    joins = self.last_is_word[kept[:-1]] & self.first_is_word[kept[1:]]
+    followers = np.zeros(self._SIZE, bool)
+    followers[kept[1:][joins]] = True
+    self.continuations.update(self.normalized[c][0] for c in np.flatnonzero(followers).tolist())
+
+  def run(self, texts: Iterable[str]) -> set[str]:
+    """Scans `texts` in batches; returns the continuation characters (self.count: texts)."""
+    batch, chars = [], 0
+    for text in texts:
+      batch.append(text)
+      chars += len(text)
+      self.count += 1
+      if chars >= self._BATCH_CHARS:
+        self._scan(batch)
+        batch, chars = [], 0
+    if batch:
+      self._scan(batch)
+    return self.continuations
+
+
+def train_tokenizer(texts: Sequence[str] | Callable[[], Iterable[str]],
+                    vocab_size: int) -> Tokenizer:
   """Trains a lowercasing BERT WordPiece tokenizer on `texts`, deterministically.
 
   The `tokenizers` trainer numbers the `##x` continuation pieces in hash-map order,
@@ -201,33 +297,34 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
   special tokens.
 
   Args:
-    texts: training documents.
+    texts: training documents, or a function returning a fresh iterable of them each
+      time it is called (it is called twice), so a corpus larger than memory streams.
     vocab_size: target vocabulary size, special tokens included.
 
   Returns:
     The tokenizer: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4; `encode` adds
-    [CLS] ... [SEP] unless called with `add_special_tokens=False`.
+    [CLS] ... [SEP] unless called with `add_special_tokens=False`. The same documents
+    give the same tokenizer whether passed as a list or streamed.
 
   Raises:
     DataError: if vocab_size is not an integer >= MIN_VOCAB_SIZE or texts is empty.
   """
   vocab_size = _check_vocab_size(vocab_size)
-  texts = list(texts)
-  if not texts:
-    raise DataError("text: no documents to train the tokenizer on; give it some text.")
+  if not callable(texts):
+    texts = list(texts)
+  documents = texts if callable(texts) else lambda: texts
   tk = _tokenizers()
   start = time.perf_counter()
   scratch = _untrained_tokenizer()
-  continuations = set()
-  for text in texts:
-    words = scratch.pre_tokenizer.pre_tokenize_str(scratch.normalizer.normalize_str(text))
-    for word, _ in words:
-      continuations.update(word[1:])
+  scan = _ContinuationScan(scratch)
+  continuations = scan.run(documents())
+  if not scan.count:
+    raise DataError("text: no documents to train the tokenizer on; give it some text.")
   pinned = list(SPECIAL_TOKENS) + [CONTINUATION_PREFIX + c for c in sorted(continuations)]
   trainer = tk.trainers.WordPieceTrainer(
       vocab_size=vocab_size, special_tokens=pinned, show_progress=False,
       continuing_subword_prefix=CONTINUATION_PREFIX)
-  scratch.train_from_iterator(texts, trainer=trainer, length=len(texts))
+  scratch.train_from_iterator(documents(), trainer=trainer, length=scan.count)
   tokenizer = _untrained_tokenizer(scratch.get_vocab(with_added_tokens=False))
   tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
   tokenizer.post_processor = tk.processors.TemplateProcessing(
@@ -236,7 +333,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
       special_tokens=[(t, SPECIAL_TOKENS.index(t)) for t in (CLS_TOKEN, SEP_TOKEN)])
   _check_special_ids(tokenizer, "the freshly trained tokenizer")
   log.info("Trained a WordPiece tokenizer (%d tokens) on %d documents in %.2fs.",
-           tokenizer.get_vocab_size(), len(texts), time.perf_counter() - start)
+           tokenizer.get_vocab_size(), scan.count, time.perf_counter() - start)
   return tokenizer
 
 
@@ -415,13 +512,33 @@ def pack_sequences(documents: Sequence[Sequence[int]], seq_len: int, *, cls_id: 
     and 'token_type_ids' (zeros): int32 [N, seq_len], N = ceil(tokens / (seq_len-1));
     N is 0 if there are no tokens.
   """
-  content = seq_len - 1
+  return pack_stream(join_documents(documents, sep_id), seq_len, cls_id=cls_id, pad_id=pad_id)
+
+
+def join_documents(documents: Sequence[Sequence[int]], sep_id: int) -> np.ndarray:
+  """The documents' token ids, int32, with one `sep_id` between neighbours."""
   pieces: list[np.ndarray] = []
   for i, doc in enumerate(documents):
     if i:
       pieces.append(np.array([sep_id], np.int32))
     pieces.append(np.asarray(doc, np.int32).reshape(-1))
-  stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+  return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+
+
+def pack_stream(stream: np.ndarray, seq_len: int, *, cls_id: int,
+                pad_id: int) -> dict[str, np.ndarray]:
+  """Cuts a joined token stream into rows as `pack_sequences` does.
+
+  Args:
+    stream: the documents' token ids, already joined with their separators.
+    seq_len: row length, >= 2.
+    cls_id: id put first in every row.
+    pad_id: id that fills the end of the last row.
+
+  Returns:
+    The arrays of `pack_sequences`.
+  """
+  content = seq_len - 1
   rows = math.ceil(len(stream) / content)
   flat = np.full((rows * content,), pad_id, np.int32)
   flat[:len(stream)] = stream
@@ -443,13 +560,20 @@ def _check_seq_len(seq_len: Any) -> int:
   return int(seq_len)
 
 
+_ID_NAMES = ("pad_id", "unk_id", "cls_id", "sep_id", "mask_id")
+
+
 @register_dataset("text")
 def load_text(data_config: Any) -> Dataset:
   """Loads a text corpus as packed token sequences for masked-LM pretraining.
 
+  A `data_dir` holding a `manifest.json` is a corpus prepared by `dsjax-data
+  prepare-text` (see `dsjax.data.prepare`): its token shards are read as they are, with
+  no tokenizing, and give the same Dataset as the documents they were prepared from.
+
   Args:
     data_config: object with fields data_dir, val_fraction, split_seed, seq_len,
-      vocab_size and (optional) cache_dir ("" means DEFAULT_CACHE_DIR).
+      vocab_size and (optional) vocab_file and cache_dir ("" means DEFAULT_CACHE_DIR).
 
   Returns:
     Dataset named 'text' whose splits hold int32 [N, seq_len] 'input_ids',
@@ -460,14 +584,16 @@ def load_text(data_config: Any) -> Dataset:
 
   Raises:
     DataError: for a bad seq_len, vocab_size or val_fraction, a missing or unreadable
-      corpus, too few documents to split, or too little text for one full training
-      sequence.
+      corpus, too few documents to split, too little text for one full training
+      sequence, or prepared data that is unfinished, corrupt or of another vocabulary.
   """
   seq_len = _check_seq_len(data_config.seq_len)
   val_fraction = check_val_fraction(data_config.val_fraction, "text")
   data_dir = getattr(data_config, "data_dir", "") or ""
-  documents = load_documents(data_dir)
   vocab_file = getattr(data_config, "vocab_file", "") or ""
+  if data_dir and shards.is_prepared(data_dir):
+    return _load_prepared(data_config, data_dir, seq_len, val_fraction)
+  documents = load_documents(data_dir)
   if vocab_file:  # A pretrained model's vocabulary: its token ids are its embedding rows.
     tokenizer, path = tokenizer_from_vocab_file(vocab_file), Path(vocab_file)
   else:
@@ -478,25 +604,67 @@ def load_text(data_config: Any) -> Dataset:
   encoded = [e.ids for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
   token_ids = [ids for ids in encoded if ids]  # e.g. a paragraph of lone combining marks.
   parts = split_documents(len(token_ids), val_fraction, int(data_config.split_seed))
-  id_names = ("pad_id", "unk_id", "cls_id", "sep_id", "mask_id")
-  ids = {name: tokenizer.token_to_id(t) for name, t in zip(id_names, SPECIAL_TOKENS, strict=True)}
-  splits = {}
-  for name in ("train", "val", "test"):
-    splits[name] = pack_sequences(
-        [token_ids[i] for i in parts[name]], seq_len, cls_id=ids["cls_id"],
-        sep_id=ids["sep_id"], pad_id=ids["pad_id"])
+  ids = {name: tokenizer.token_to_id(t) for name, t in zip(_ID_NAMES, SPECIAL_TOKENS, strict=True)}
+  streams = {name: join_documents([token_ids[i] for i in indices], ids["sep_id"])
+             for name, indices in parts.items()}
+  where = repr(data_dir) if data_dir else "the built-in corpus"
+  return _text_dataset(streams, parts, seq_len, ids, tokenizer.get_vocab_size(), str(path),
+                       where)
+
+
+def _load_prepared(data_config: Any, data_dir: str, seq_len: int,
+                   val_fraction: float) -> Dataset:
+  """The Dataset of a folder written by `dsjax-data prepare-text` (see `load_text`)."""
+  corpus = shards.open_prepared(data_dir)
+  _check_prepared_vocabulary(corpus, data_config)
+  parts = split_documents(corpus.num_documents, val_fraction, int(data_config.split_seed))
+  ids = corpus.special_ids
+  streams = corpus.join_documents(parts, ids["sep_id"])
+  return _text_dataset(streams, parts, seq_len, ids, corpus.vocab_size,
+                       str(corpus.tokenizer_path), repr(data_dir))
+
+
+def _check_prepared_vocabulary(corpus: shards.PreparedText, data_config: Any) -> None:
+  """Refuses a config whose vocabulary is not the one the prepared tokens are ids of."""
+  folder, vocabulary = corpus.folder, corpus.manifest["vocabulary"]
+  vocab_file = getattr(data_config, "vocab_file", "") or ""
+  if vocab_file:
+    wanted = tokenizer_from_vocab_file(vocab_file).get_vocab()
+    if wanted != tokenizer_from_vocab_file(str(corpus.vocab_path)).get_vocab():
+      raise DataError(
+          f"text: data.vocab_file {vocab_file} is not the vocabulary {str(folder)!r} was "
+          f"prepared with ({corpus.vocab_path}); set --config.data.vocab_file to that file, "
+          f"or prepare the corpus again with dsjax-data prepare-text --vocab-file "
+          f"{vocab_file} into another --out folder.")
+  elif vocabulary["source"] == "vocab_file":
+    raise DataError(
+        f"text: {str(folder)!r} was tokenized with a pretrained vocabulary, but "
+        "data.vocab_file is empty; set --config.data.vocab_file to it (a copy is "
+        f"{corpus.vocab_path}).")
+  elif _check_vocab_size(data_config.vocab_size) != vocabulary["requested_size"]:
+    raise DataError(
+        f"text: {str(folder)!r} was prepared with --vocab-size "
+        f"{vocabulary['requested_size']}, but data.vocab_size is {data_config.vocab_size}; "
+        f"set --config.data.vocab_size={vocabulary['requested_size']}, or prepare the "
+        "corpus again with that size into another --out folder.")
+
+
+def _text_dataset(streams: dict[str, np.ndarray], parts: dict[str, np.ndarray], seq_len: int,
+                  ids: dict[str, int], vocab_size: int, tokenizer_path: str,
+                  where: str) -> Dataset:
+  """Packs each split's joined stream and adds the metadata; shared by both sources."""
+  splits = {name: pack_stream(streams[name], seq_len, cls_id=ids["cls_id"],
+                              pad_id=ids["pad_id"]) for name in ("train", "val", "test")}
   train_mask = splits["train"]["attention_mask"]
   if len(train_mask) == 0 or train_mask[0].sum() < seq_len:
-    where = repr(data_dir) if data_dir else "the built-in corpus"
     raise DataError(
         f"text: the training split of {where} has {int(train_mask.sum())} tokens, too few for "
         f"one full sequence of seq_len={seq_len}; add text or lower --config.data.seq_len.")
-  vocab_size = tokenizer.get_vocab_size()
   metadata = {
       "vocab_size": vocab_size,
       **ids,
       "special_ids": sorted(ids.values()),
-      "tokenizer_path": str(path),
+      "tokenizer_path": tokenizer_path,
       "seq_len": seq_len,
       "num_documents": {k: len(v) for k, v in parts.items()},
       "num_tokens": {k: int(v["attention_mask"].sum()) for k, v in splits.items()},
