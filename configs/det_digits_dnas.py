@@ -3,7 +3,8 @@
 The backbone is configured as the seed's detection example (`model.backbone.type: DNAS`,
 min_channels 16, max_channels 128, depth_range [3, 8]): eight blocks, the first two
 striding to the detector's stride 4 and the last five optional, each choosing a 3x3
-convolution, identity or zero, and a width of 16 to 128 channels. The search minimises
+convolution or identity (the strided two: a convolution) and a width of 16 to 128
+channels; the depth gates skip blocks. The search minimises
 the CenterNet loss on validation batches (the other half of the training split) under a
 FLOPs budget per image for the backbone.
 
@@ -26,10 +27,12 @@ def get_config(arg: str | None = None):
   backbone = config.model.backbone
   backbone.min_channels, backbone.max_channels, backbone.channel_choices = 16, 128, 4
   backbone.depth_range = (3, 8)
-  # Plain 3x3 convolutions, identity and zero: XLA:CPU runs depthwise convolutions slowly
-  # (a search step with separable ops took longer than with full convolutions), and the
-  # budget is a 15-minute search on 2 cores.
-  backbone.ops = ("conv", "identity", "zero")
+  # Plain 3x3 convolutions and identity: XLA:CPU runs depthwise convolutions slowly (a
+  # search step with separable ops took longer than with full convolutions), and the
+  # budget is a 15-minute search on 2 cores. No zero op: in this chain of blocks a zero
+  # block would cut the image off (a search with it drove the first strided block to
+  # zero, p = 0.92, with the FLOPs penalty); skipping is the depth gates' job.
+  backbone.ops = ("conv", "identity")
   backbone.kernel_sizes = (3,)
   backbone.stem_channels = 16
   backbone.strides = (2, 2)  # Blocks 0 and 1 bring the canvas to stride 4.

@@ -87,8 +87,9 @@ def _config(name: str, root: Path):
     backbone.depth_range, backbone.strides, backbone.batch_norm = (3, 4), (1, 2), True
     space = nas.from_config(backbone)
     first = "sep_conv_3x3" if "sep_conv_3x3" in space.candidates(0) else "conv_3x3"
+    last = "zero" if "zero" in space.candidates(3) else "identity"
     picks = [(first, 4, True), ("conv_3x3", 4, True), ("identity", 8, True),
-             ("zero", 4, False)]
+             (last, 4, False)]
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     if config.data.name == "digits-detection":

@@ -291,6 +291,17 @@ def test_relaxations():
   assert float(jnp.abs(grad).sum()) > 0
 
 
+def test_a_kept_block_never_derives_the_zero_op():
+  """DARTS' rule: zero, however probable, would cut the chain; the next op is taken."""
+  space = nas.SearchSpace(min_channels=4, max_channels=4, channel_choices=1, depth_range=(1, 2),
+                          kernel_sizes=(3,), ops=("conv", "identity", "zero"), stem_channels=0,
+                          head="pool")
+  arch = forced_arch(space, [("zero", 4, True), ("zero", 4, False)])
+  arch["block_0"]["op_logits"] = jnp.asarray([1.0, 2.0, 5.0])  # conv, identity, zero.
+  blocks = nas.derive(arch, space, input_shape=INPUT, num_classes=10)["blocks"]
+  assert [(b["op"], b["kept"]) for b in blocks] == [("identity", True), ("zero", False)]
+
+
 def test_latency_table_and_expected_latency():
   space = nas.SearchSpace(min_channels=2, max_channels=4, channel_choices=2, depth_range=(1, 2),
                           kernel_sizes=(1,), ops=("conv", "zero"), stem_channels=0, head="pool")

@@ -1,7 +1,11 @@
 """From architecture logits to a discrete architecture, `architecture.json`, and back.
 
 `derive` takes the most probable op and width of each block, and keeps an optional block
-when its keep probability is at least 1/2. The result is a JSON-ready dict:
+when its keep probability is at least 1/2. As in DARTS' derivation, a kept block never
+takes the zero op while it has another candidate: the blocks form a chain, so a zero block
+would cut every path from the input to the output (a constant network), however much
+probability a resource penalty gave it; skipping a block is the depth gate's job. The
+result is a JSON-ready dict:
 
   {"format": "dsjax-dnas-architecture", "version": 1, "search_space": {...},
    "input_shape": [8, 8, 1], "num_classes": 10, "depth": 3, "flops": ..., "params": ...,
@@ -94,12 +98,15 @@ def derive(arch: Mapping[str, Any], space: SearchSpace, *, input_shape: Sequence
   blocks = []
   for index in range(space.num_blocks):
     block = probs[f"block_{index}"]
-    # max() keeps the first of equal candidates, like argmax.
-    op = max(block["ops"], key=block["ops"].get)
+    kept = block["keep"] >= 0.5
+    # max() keeps the first of equal candidates, like argmax; a kept block takes zero
+    # only if it is its one candidate.
+    live = [c for c in block["ops"] if not kept or ops_lib.op_family(c) != "zero"]
+    op = max(live or list(block["ops"]), key=block["ops"].get)
     channels = int(max(block["channels"], key=block["channels"].get))
     blocks.append({"index": index, "op": ops_lib.op_family(op),
                    "kernel_size": ops_lib.op_kernel(op), "channels": channels,
-                   "stride": space.stride(index), "kept": block["keep"] >= 0.5})
+                   "stride": space.stride(index), "kept": kept})
     if "formats" in block:
       blocks[-1]["format"] = max(block["formats"], key=block["formats"].get)
   return _finish(blocks, space, input_shape, num_classes, probs)
