@@ -82,6 +82,19 @@ def test_metrics(summary: dict[str, Any]) -> dict[str, float]:
       "train_time_s": summary.get("train_time_s", 0.0)}
 
 
+def train(config: Any, workdir: Path) -> dict[str, Any]:
+  """The run's summary: trained now, or read back from a finished run in `workdir` of the
+  same model, seed and steps (a rerun of this script keeps finished runs and their times)."""
+  summary_file, config_file = workdir / "summary.json", workdir / "config.json"
+  if summary_file.exists() and config_file.exists():
+    summary, saved = json.loads(summary_file.read_text()), json.loads(config_file.read_text())
+    if (summary.get("steps") == config.train.steps and saved["seed"] == config.seed
+        and saved["model"] == json.loads(config.model.to_json())):
+      print(f"reusing the finished run in {workdir}", flush=True)
+      return summary
+  return train_and_evaluate(config, workdir)
+
+
 def mean_ap(runs: list[dict[str, Any]]) -> float:
   return statistics.fmean(run["ap"] for run in runs)
 
@@ -107,8 +120,7 @@ def main() -> None:
 
   resnet_runs = []
   for seed in args.seeds:
-    summary = train_and_evaluate(load_config("det_digits", seed, args.steps),
-                                 root / f"resnet-seed{seed}")
+    summary = train(load_config("det_digits", seed, args.steps), root / f"resnet-seed{seed}")
     resnet_runs.append({"seed": seed, **test_metrics(summary)})
     print(json.dumps({"resnet": resnet_runs[-1]}), flush=True)
 
@@ -124,7 +136,7 @@ def main() -> None:
   for seed in args.seeds:
     config = load_config("det_digits_dnas", seed, args.steps)
     config.model.architecture = search["architecture"]
-    summary = train_and_evaluate(config, root / f"dnas-seed{seed}")
+    summary = train(config, root / f"dnas-seed{seed}")
     dnas_runs.append({"seed": seed, **test_metrics(summary)})
     print(json.dumps({"dnas": dnas_runs[-1]}), flush=True)
 
