@@ -12,7 +12,8 @@ The short flags are shorthands for config fields. Without `--config`, the model'
 experiment file from `configs/` (installed as `dsjax.configs`) is the starting point.
 Each command takes only the flags that act in it (`--help` lists them) and refuses the
 others. Every user error ends the process with one line on stderr and exit status 2,
-never a traceback.
+never a traceback; a process of a multi-process run whose peer died ends with one line
+and status 3 (`dsjax.parallel.watchdog`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ml_collections import config_flags
 from dsjax import precision
 from dsjax.errors import ConfigError, DsjaxError
 from dsjax.models import registry
+from dsjax.parallel import watchdog
 from dsjax.train.workdir import describe_os_error
 
 # The repository's `configs/`, which an installed package carries as `dsjax.configs`.
@@ -338,18 +340,26 @@ def _run(command: Command, argv: Sequence[str] | None, action):
     sys.exit(0)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("dsjax").setLevel(logging.INFO)
+  watchdog.program = command.name
+  # In a multi-process run, an error of a failed collective waits for the coordination
+  # service's verdict: a peer that died ends this process with the watchdog's one line.
   try:
     return action(_parse(command, argv))
   except DsjaxError as error:
+    watchdog.hold(error)
     message = " ".join(str(error).split())
   except KeyboardInterrupt:
     message = "interrupted; rerun the same command to resume from the last checkpoint"
   except OSError as error:  # A write that fails outside a checkpoint (a full disk, say).
+    watchdog.hold(error)
     where = f" ({error.filename})" if error.filename else ""
     message = (f"{describe_os_error(error)}{where}; fix that (free space, permissions) and "
                "rerun the same command to resume from the last checkpoint")
+  except Exception as error:
+    watchdog.hold(error)
+    raise
   print(f"{command.name}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  watchdog.exit_process(2)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

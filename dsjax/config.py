@@ -15,7 +15,8 @@ from typing import Any
 import ml_collections
 
 from dsjax import precision
-from dsjax.errors import ConfigError
+from dsjax.data import loader
+from dsjax.errors import ConfigError, DataError
 from dsjax.models import registry
 
 OPTIMIZERS = ("adamw", "sgd", "momentum")
@@ -58,6 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.image_size = 0  # Detection: the letterboxed input side; 0 is the dataset's.
   config.data.max_boxes = 0  # Detection: boxes per image, padded; 0 is the dataset's.
   config.data.cache_dir = ""  # Derived artefacts (e.g. the tokenizer); "" is the workdir.
+  # Training batches (dsjax.data.loader): memory (gathered from in-memory arrays), grain
+  # (read ahead by a grain pipeline: prepared token shards row by row, image files decoded
+  # and augmented in its readers), or auto: grain for prepared shards and image folders.
+  # Both give the same batches.
+  config.data.loader = "auto"
+  config.data.workers = 0  # grain worker processes; 0 reads in the training process.
+  config.data.prefetch = 2  # grain: batches read ahead, by as many threads (per process).
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 500
@@ -165,6 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 0  # 0: single process (or detected from the cluster).
   config.distributed.process_id = -1
   config.distributed.initialization_timeout = 300
+  # Seconds without heartbeats after which a process counts as dead: the others then end,
+  # each with one line naming it, instead of waiting in a collective (jax#22740).
+  config.distributed.peer_timeout_s = 30
   config.distributed.cluster_detection = True  # Slurm, Kubernetes, Cloud TPU environments.
 
   config.checkpoint = ml_collections.ConfigDict()
@@ -313,6 +324,7 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
           f"data.{field} must be >= 0 (0: the dataset's default), got {config.data[field]}")
   check(0 <= config.data.val_fraction < 0.5,
         f"data.val_fraction must be in [0, 0.5), got {config.data.val_fraction}")
+  _check_loader(config.data, check)
   for axis, size in config.mesh.items():
     if axis != "num_devices":
       check(size >= 1 or size == -1, f"mesh.{axis} must be >= 1 or -1 (the rest), got {size}")
@@ -326,12 +338,31 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   check(config.parallel.microbatches >= 0,
         f"parallel.microbatches must be >= 0 (0: 2 x mesh.pipe), got "
         f"{config.parallel.microbatches}")
+  check(config.distributed.peer_timeout_s >= 1,
+        f"distributed.peer_timeout_s must be >= 1, got {config.distributed.peer_timeout_s}")
   check(config.checkpoint.every_steps >= 1,
         f"checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
   check(config.checkpoint.max_to_keep >= 1,
         f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}")
   for message in registry.get_spec(config.model.name).check(config.model):
     problems.append(f"model: {message}")
+
+
+def _check_loader(data_config: ml_collections.ConfigDict, check: Any) -> None:
+  """data.loader, workers and prefetch: known values, and no knob that cannot act."""
+  for field in ("workers", "prefetch"):
+    check(data_config[field] >= 0, f"data.{field} must be >= 0, got {data_config[field]}")
+  try:
+    kind = loader.loader_kind(data_config)
+  except DataError as error:
+    check(False, str(error))
+    return
+  defaults = base_config().data
+  for field in ("workers", "prefetch"):
+    check(kind == "grain" or data_config[field] == defaults[field],
+          f"data.{field} sets the grain loader, but data.loader={data_config.loader} reads "
+          f"{data_config.name} in memory: set --config.data.loader=grain, or leave "
+          f"data.{field} at {defaults[field]}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -57,6 +57,7 @@ def test_wrong_types():
     ("precision.policy", "p=f32,c=f8", "precision policy 'p=f32,c=f8'"),
     ("precision.loss_scale", {"min_scale": 0.0}, "min_scale"),
     ("data.val_fraction", 0.7, "data.val_fraction must be in [0, 0.5)"),
+    ("distributed.peer_timeout_s", 0, "distributed.peer_timeout_s must be >= 1"),
     ("model.dropout_rate", 1.0, "model: dropout_rate must be in [0, 1)"),
     ("model.matmul_impl", "cublas", "model: matmul_impl must be one of xla, pallas"),
     ("model.name", "resnet-9000",

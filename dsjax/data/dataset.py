@@ -16,20 +16,25 @@ from dsjax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """An in-memory dataset.
+  """A dataset: its splits, class count and metadata.
 
   Attributes:
     name: registry name of the dataset.
     splits: split name ('train', 'val', 'test') -> {'image': float32 NHWC
-      array, 'label': int32 array [N]}.
+      array, 'label': int32 array [N]}; an entry may be a `dsjax.data.lazy.LazyColumn`
+      that reads its rows on demand (prepared shards, image folders).
     num_classes: number of label classes (the vocabulary size for token data).
     metadata: facts about the data a model or task needs (e.g. special token ids, the
       Bayes-optimal AUC of a synthetic generator); JSON-serialisable.
+    transform: `transform(batch, indices, epoch, seed) -> batch`, the training
+      augmentation the streaming loader applies in its workers (`dsjax.data.loader`), per
+      example from the seed, epoch and example index; None: none.
   """
   name: str
   splits: dict[str, dict[str, np.ndarray]]
   num_classes: int
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  transform: Callable[..., dict[str, np.ndarray]] | None = None
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -45,6 +50,24 @@ def num_examples(arrays: dict[str, np.ndarray]) -> int:
   if len(set(sizes.values())) != 1:
     raise ValueError(f"arrays have different leading sizes: {sizes}")
   return next(iter(sizes.values()))
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int, shuffle: bool = True) -> np.ndarray:
+  """The order in which epoch `epoch` visits the examples (every loader's, so that the
+  in-memory and the streaming loaders give the same batches).
+
+  Args:
+    seed: the shuffling seed.
+    epoch: the epoch, from 0.
+    num_examples: N.
+    shuffle: False: stored order.
+
+  Returns:
+    int64 [N]: `np.random.default_rng([seed, epoch]).permutation(N)`, or arange(N).
+  """
+  if not shuffle:
+    return np.arange(num_examples)
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 class BatchIterator:
@@ -92,11 +115,7 @@ class BatchIterator:
   def _order(self, epoch: int) -> np.ndarray:
     # Regenerating a permutation costs O(N); do it once per epoch, not per step.
     if epoch != self._cached_epoch:
-      if self.shuffle:
-        rng = np.random.default_rng([self.seed, epoch])
-        self._cached_order = rng.permutation(self.num_examples)
-      else:
-        self._cached_order = np.arange(self.num_examples)
+      self._cached_order = epoch_order(self.seed, epoch, self.num_examples, self.shuffle)
       self._cached_epoch = epoch
     return self._cached_order
 

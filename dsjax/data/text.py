@@ -9,7 +9,9 @@ that a single file, or a handful of files, can still be split into train/val/tes
 paragraphs of one file may therefore land in different splits. A `data_dir` written by
 `dsjax-data prepare-text` (it holds a `manifest.json`; see `dsjax.data.prepare`) is the
 third source: its token shards are memory-mapped instead of tokenizing again, and give
-the same Dataset as the documents it was prepared from.
+the same Dataset as the documents it was prepared from; under the streaming loader
+(`data.loader`, see `dsjax.data.loader`) its sequences are read from the shards on demand
+instead of packed in memory.
 
 Tokenizer. A lowercasing BERT WordPiece tokenizer (BertNormalizer, BertPreTokenizer,
 `##` continuation prefix, special tokens [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4)
@@ -54,8 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.data import shards
+from dsjax.data import loader, packed, shards
 from dsjax.data.dataset import Dataset, check_val_fraction, register_dataset, split_train_val
+from dsjax.data.lazy import lazy_split
 from dsjax.errors import DataError
 
 if TYPE_CHECKING:
@@ -592,7 +595,8 @@ def load_text(data_config: Any) -> Dataset:
   data_dir = getattr(data_config, "data_dir", "") or ""
   vocab_file = getattr(data_config, "vocab_file", "") or ""
   if data_dir and shards.is_prepared(data_dir):
-    return _load_prepared(data_config, data_dir, seq_len, val_fraction)
+    return _load_prepared(data_config, data_dir, seq_len, val_fraction,
+                          lazy=loader.loader_kind(data_config) == "grain")
   documents = load_documents(data_dir)
   if vocab_file:  # A pretrained model's vocabulary: its token ids are its embedding rows.
     tokenizer, path = tokenizer_from_vocab_file(vocab_file), Path(vocab_file)
@@ -612,13 +616,30 @@ def load_text(data_config: Any) -> Dataset:
                        where)
 
 
-def _load_prepared(data_config: Any, data_dir: str, seq_len: int,
-                   val_fraction: float) -> Dataset:
-  """The Dataset of a folder written by `dsjax-data prepare-text` (see `load_text`)."""
+def _load_prepared(data_config: Any, data_dir: str, seq_len: int, val_fraction: float, *,
+                   lazy: bool) -> Dataset:
+  """The Dataset of a folder written by `dsjax-data prepare-text` (see `load_text`).
+
+  With `lazy` (the streaming loader's), each split's sequences are read from the shards
+  when indexed (`dsjax.data.packed.PackedRows`) instead of packed in memory; they are the
+  same sequences.
+  """
   corpus = shards.open_prepared(data_dir)
   _check_prepared_vocabulary(corpus, data_config)
   parts = split_documents(corpus.num_documents, val_fraction, int(data_config.split_seed))
   ids = corpus.special_ids
+  if lazy:
+    rows = {name: packed.PackedRows(corpus, parts[name], seq_len, ids) for name in parts}
+    if rows["train"].stream_length < seq_len - 1:
+      raise DataError(
+          f"text: the training split of {data_dir!r} has {rows['train'].num_tokens} tokens, "
+          f"too few for one full sequence of seq_len={seq_len}; add text or lower "
+          "--config.data.seq_len.")
+    return Dataset(name="text", splits={name: lazy_split(source) for name, source in rows.items()},
+                   num_classes=corpus.vocab_size,
+                   metadata=_text_metadata(corpus.vocab_size, ids, str(corpus.tokenizer_path),
+                                           seq_len, parts,
+                                           {k: v.num_tokens for k, v in rows.items()}))
   streams = corpus.join_documents(parts, ids["sep_id"])
   return _text_dataset(streams, parts, seq_len, ids, corpus.vocab_size,
                        str(corpus.tokenizer_path), repr(data_dir))
@@ -660,16 +681,22 @@ def _text_dataset(streams: dict[str, np.ndarray], parts: dict[str, np.ndarray], 
     raise DataError(
         f"text: the training split of {where} has {int(train_mask.sum())} tokens, too few for "
         f"one full sequence of seq_len={seq_len}; add text or lower --config.data.seq_len.")
-  metadata = {
+  metadata = _text_metadata(vocab_size, ids, tokenizer_path, seq_len, parts,
+                            {k: int(v["attention_mask"].sum()) for k, v in splits.items()})
+  return Dataset(name="text", splits=splits, num_classes=vocab_size, metadata=metadata)
+
+
+def _text_metadata(vocab_size: int, ids: dict[str, int], tokenizer_path: str, seq_len: int,
+                   parts: dict[str, np.ndarray], num_tokens: dict[str, int]) -> dict[str, Any]:
+  return {
       "vocab_size": vocab_size,
       **ids,
       "special_ids": sorted(ids.values()),
       "tokenizer_path": tokenizer_path,
       "seq_len": seq_len,
       "num_documents": {k: len(v) for k, v in parts.items()},
-      "num_tokens": {k: int(v["attention_mask"].sum()) for k, v in splits.items()},
+      "num_tokens": num_tokens,
   }
-  return Dataset(name="text", splits=splits, num_classes=vocab_size, metadata=metadata)
 
 
 # --- masking ------------------------------------------------------------------------------

@@ -7,6 +7,10 @@
 Without flags, JAX's own cluster detection fills them in on Slurm, Kubernetes (JobSet)
 and Cloud TPU pods. Every process runs the same program over the same global mesh; each
 loads only its rows of every batch, and only process 0 writes logs and summaries.
+
+A process that dies ends the others too, within about `distributed.peer_timeout_s`
+(JAX's heartbeat timeout), each with one line naming it (`dsjax.parallel.watchdog`);
+rerunning the whole job resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import jax
 
 from dsjax.errors import ConfigError
+from dsjax.parallel import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ def initialize(distributed_config: Any) -> bool:
 
   Args:
     distributed_config: the `distributed` config section (coordinator, num_processes,
-      process_id, initialization_timeout, cluster_detection).
+      process_id, initialization_timeout, peer_timeout_s, cluster_detection).
 
   Returns:
     Whether this is a multi-process run.
@@ -50,7 +55,13 @@ def initialize(distributed_config: Any) -> bool:
     return False
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
-  kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.initialization_timeout)}
+  peer_timeout = cfg.peer_timeout_s
+  if not isinstance(peer_timeout, int) or isinstance(peer_timeout, bool) or peer_timeout < 1:
+    raise ConfigError(f"distributed.peer_timeout_s must be a whole number of seconds >= 1, "
+                      f"got {peer_timeout!r}")
+  # A process silent for peer_timeout_s is declared dead by the coordination service.
+  kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.initialization_timeout),
+                            "heartbeat_timeout_seconds": peer_timeout}
   if explicit:
     missing = [name for name, unset in (("--coordinator", not cfg.coordinator),
                                         ("--num-processes", cfg.num_processes < 1),
@@ -73,6 +84,8 @@ def initialize(distributed_config: Any) -> bool:
     raise ConfigError(f"jax.distributed.initialize failed ({type(error).__name__}: {text}); "
                       "check that --coordinator is reachable from every process and that all "
                       f"{cfg.num_processes or 'the'} processes were started") from error
+  if jax.process_count() > 1:
+    watchdog.install(jax.process_index(), jax.process_count(), peer_timeout)
   log.info("process %d of %d; %d local and %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1

@@ -472,8 +472,7 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     check_pretrained(pretrained, state.params, train_cfg.init_from)
     shardings = jax.tree.map(lambda x: x.sharding, state.params)
     state = state.replace(params=jax.device_put(pretrained, shardings))
-  train_iter = data.BatchIterator(dataset.splits["train"], train_cfg.batch_size,
-                                  seed=config.seed)
+  train_iter = data.train_iterator(dataset, config.data, train_cfg.batch_size, seed=config.seed)
   batch_sharding = sharding.batch_sharding(mesh)
   # Each process reads only its own rows of every global batch.
   train_iter.rows = sharding.local_rows(batch_sharding, train_cfg.batch_size)

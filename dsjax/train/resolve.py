@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 _RESUME_INVARIANT = ("seed", "model", "data", "optimizer", "precision")
 _SEARCH_RESUME_INVARIANT = _RESUME_INVARIANT + ("resource", "search")
 # Keys of those sections that only change how the step compiles, not what the arrays mean
-# (BERT workdirs written when the encoder scan looped by default resume unrolled).
-_RESUME_COMPILE_ONLY = {"model": ("scan_unroll",)}
+# (BERT workdirs written when the encoder scan looped by default resume unrolled), or how
+# the batches are read, not which they are (every loader gives the same ones).
+_RESUME_COMPILE_ONLY = {"model": ("scan_unroll",), "data": ("loader", "workers", "prefetch")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,7 +128,8 @@ class ClassificationTask(Task):
   """Images to class logits, scored by softmax cross-entropy and top-1 accuracy.
 
   Attributes:
-    augment: random crop + flip of training images (`dsjax.data.augment`).
+    augment: random crop + flip of training images on device (`dsjax.data.augment`); off
+      where the loader already augments them (`metadata["augmented_in_loader"]`).
   """
 
   name: str = "classification"
@@ -137,8 +138,8 @@ class ClassificationTask(Task):
 
   @classmethod
   def from_data(cls, data_config: Any, metadata: Mapping[str, Any]) -> Task:
-    del metadata
-    return cls(augment=bool(data_config.augment))
+    return cls(augment=bool(data_config.augment)
+               and not metadata.get("augmented_in_loader", False))
 
   def prepare(self, batch: Batch, rng: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     batch = super().prepare(batch, rng, train=train)
