@@ -57,8 +57,8 @@ print(f"dsjax {dsjax.__version__}, jax {jax.__version__}, backend {BACKEND}: {ja
 
 # %% tags=["parameters"]
 ON_CPU = BACKEND == "cpu"
-SEARCH_STEPS = 100 if ON_CPU else 800
-RETRAIN_STEPS = 200 if ON_CPU else 1000
+SEARCH_STEPS = 60 if ON_CPU else 800
+RETRAIN_STEPS = 120 if ON_CPU else 1000
 BATCH_SIZE = 32 if ON_CPU else 64
 SPACE = (dict(min_channels=8, max_channels=16, channel_choices=2, depth_range=(2, 3),
               kernel_sizes=(3,), stem_channels=8, strides=(1, 2)) if ON_CPU else

@@ -56,7 +56,7 @@ print(f"dsjax {dsjax.__version__}, jax {jax.__version__}, backend {BACKEND}: {ja
 # GPU: float16 compute, dynamic loss scaling and the controller.
 
 # %% tags=["parameters"]
-STEPS = 100 if BACKEND == "cpu" else 1000
+STEPS = 60 if BACKEND == "cpu" else 1000
 BATCH_SIZE = 64 if BACKEND == "cpu" else 256
 FEATURES, DENSE_FEATURES = ((16, 32), 64) if BACKEND == "cpu" else ((32, 64), 128)
 # The controller's tolerance for a layer's relative error against float32 (default 0.05),
