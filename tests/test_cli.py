@@ -64,6 +64,25 @@ def test_profile_command_writes_a_report(tmp_path):
   assert report["flops_per_step"] > 0 and 0 < report["mfu"] <= 1
 
 
+def kill_after_first_checkpoint(args: list[str], workdir: Path) -> int:
+  """Runs `dsjax-train ARGS` on one device, SIGKILLs it just after its first checkpoint
+  (somewhere between checkpoints, possibly inside a save); returns the newest complete
+  checkpoint's step."""
+  process = subprocess.Popen([sys.executable, "-m", "dsjax.train", *args], cwd=REPO,
+                             env=ONE_DEVICE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  checkpoints = workdir / "checkpoints"
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.01)
+  time.sleep(0.1)
+  assert process.poll() is None, "the run finished before it could be killed"
+  os.kill(process.pid, signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL
+  return final_state(workdir)[0]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
   # The tiny CNN: 300 steps take about a second, checkpoints every 50 leave a window of
@@ -74,20 +93,7 @@ def test_sigkill_mid_run_resumes_to_identical_parameters(tmp_path):
   assert straight.returncode == 0, straight.stderr
 
   workdir = tmp_path / "killed"
-  process = subprocess.Popen([sys.executable, "-m", "dsjax.train", *args, "--workdir",
-                              str(workdir)], cwd=REPO, env=ONE_DEVICE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while time.time() < deadline and process.poll() is None:
-    checkpoints = workdir / "checkpoints"
-    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-      break
-    time.sleep(0.01)
-  time.sleep(0.1)  # Somewhere between checkpoints, possibly inside a save.
-  assert process.poll() is None, "the run finished before it could be killed"
-  os.kill(process.pid, signal.SIGKILL)
-  assert process.wait() == -signal.SIGKILL
-  killed_at, _ = final_state(workdir)
+  killed_at = kill_after_first_checkpoint([*args, "--workdir", str(workdir)], workdir)
   assert 0 < killed_at < 300
 
   resumed = run_cli(*args, "--workdir", str(workdir))

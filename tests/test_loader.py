@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ml_collections
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_checkpoint import assert_trees_equal, final_state
+from test_cli import kill_after_first_checkpoint
 
 from dsjax import config as config_lib
 from dsjax.data import BatchIterator, GrainLoader, get_dataset, image_folder, text
@@ -221,21 +220,7 @@ def test_sigkill_mid_run_on_prepared_data_resumes_identically(tmp_path, prepared
           "--config.checkpoint.every_steps=10", f"--config.train.log_every_steps={steps}",
           f"--config.train.eval_every_steps={steps}", "--config.logging.tensorboard=False",
           "--config.logging.progress_bar=False", "--workdir", str(workdir)]
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1"))
-  process = subprocess.Popen([sys.executable, "-m", "dsjax.train", *args], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  checkpoints = workdir / "checkpoints"
-  while time.time() < deadline and process.poll() is None:
-    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-      break
-    time.sleep(0.01)
-  time.sleep(0.1)  # Somewhere between checkpoints, possibly inside a save.
-  assert process.poll() is None, "the run finished before it could be killed"
-  os.kill(process.pid, signal.SIGKILL)
-  assert process.wait() == -signal.SIGKILL
-  killed_at, _ = final_state(workdir)
+  killed_at = kill_after_first_checkpoint(args, workdir)
   assert 0 < killed_at < steps
   train_and_evaluate(_bert_config(prepared, steps), workdir)
   step_a, state_a = final_state(tmp_path / "straight")
