@@ -533,10 +533,13 @@ flags.DEFINE_multi_string("input", None, "Input glob, file or folder (repeatable
 flags.DEFINE_string("out", None, "Output folder.", flag_values=DATA_FLAGS)
 flags.DEFINE_integer("vocab-size", None, "WordPiece vocabulary to train.", flag_values=DATA_FLAGS)
 flags.DEFINE_string("vocab-file", None, "Pretrained vocab.txt to use.", flag_values=DATA_FLAGS)
+flags.DEFINE_float("vocab-sample-mb", None, "MB of documents to train the vocabulary on.",
+                   flag_values=DATA_FLAGS)
 flags.DEFINE_integer("workers", 1, "Tokenizing processes.", flag_values=DATA_FLAGS)
 flags.DEFINE_integer("shard-tokens", None, "Tokens per shard.", flag_values=DATA_FLAGS)
 _DATA_USAGE = """usage: dsjax-data prepare-text --input GLOB --out PREP
-           [--vocab-size N | --vocab-file FILE] [--workers K] [--shard-tokens T]
+           [--vocab-size N | --vocab-file FILE] [--vocab-sample-mb M] [--workers K]
+           [--shard-tokens T]
 
 prepare-text tokenizes a text corpus once, so that training reads token shards instead of
 re-tokenizing at every start: --config.data.name=text --config.data.data_dir=PREP gives
@@ -560,6 +563,9 @@ flags:
       Vocabulary to train, special tokens included (default: 8192)
   --vocab-file FILE
       A pretrained BERT vocab.txt instead of training one
+  --vocab-sample-mb M
+      Train the vocabulary on every k-th document, k the smallest that brings the inputs
+      under M MB; 0 trains on every document (default: 256)
   --workers K
       Tokenizing processes (default: 1)
   --shard-tokens T
@@ -599,9 +605,15 @@ def data_main(argv: Sequence[str] | None = None) -> None:
     manifest_file = Path(DATA_FLAGS.out).expanduser() / "manifest.json"
     before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
     shard_tokens = DATA_FLAGS["shard-tokens"].value or prepare.DEFAULT_SHARD_TOKENS
+    sample_mb = DATA_FLAGS["vocab-sample-mb"].value
+    if sample_mb is not None and DATA_FLAGS["vocab-file"].value:
+      raise ConfigError("--vocab-sample-mb sets what a vocabulary is trained on, and "
+                        "--vocab-file trains none; drop one of them")
+    sample_mb = prepare.DEFAULT_VOCAB_SAMPLE_MB if sample_mb is None else sample_mb
     manifest = prepare.prepare_text(
         DATA_FLAGS.input, DATA_FLAGS.out, vocab_size=DATA_FLAGS["vocab-size"].value,
         vocab_file=DATA_FLAGS["vocab-file"].value, workers=DATA_FLAGS.workers,
+        vocab_sample_mb=sample_mb,
         shard_tokens=shard_tokens, progress=sys.stderr.isatty())
   except DsjaxError as error:
     message = " ".join(str(error).split())

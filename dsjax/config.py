@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.grad_accum_steps = 1
   config.train.eval_every_steps = 100
   config.train.eval_batch_size = 256
+  # Evaluate on the first N examples of each split (a corpus's val split can hold millions
+  # of sequences); 0: every example.
+  config.train.eval_examples = 0
   config.train.log_every_steps = 10
   # PRNG of the dropout masks: threefry2x32 (jax's default), rbg or unsafe_rbg (XLA's
   # bit generator, cheaper on GPU/TPU; masks then depend on the mesh).
@@ -261,6 +264,8 @@ def _check_values(config: ml_collections.ConfigDict, problems: list[str]) -> Non
   for field in ("steps", "batch_size", "grad_accum_steps", "eval_every_steps",
                 "eval_batch_size", "log_every_steps"):
     check(train[field] >= 1, f"train.{field} must be >= 1, got {train[field]}")
+  check(train.eval_examples >= 0, f"train.eval_examples must be >= 0 (0: every example), got "
+        f"{train.eval_examples}")
   if train.batch_size >= 1 and train.grad_accum_steps >= 1:
     check(train.batch_size % train.grad_accum_steps == 0,
           f"train.batch_size={train.batch_size} does not split into "

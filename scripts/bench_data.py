@@ -68,14 +68,15 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
 def bench_prepare(corpus: Path, out: Path, vocab_size: int, workers: int) -> dict[str, Any]:
   start = time.perf_counter()
   manifest = prepare_text(str(corpus), out, vocab_size=vocab_size, workers=workers,
-                          progress=False)
+                          progress=False)  # The vocabulary from a sample of 256 MB at most.
   seconds = time.perf_counter() - start
   text_bytes = sum(shard["text_bytes"] for shard in manifest["shards"])
   cores = os.cpu_count() or 1
   return {"text_mb": text_bytes / MB, "seconds": seconds, "workers": workers, "cores": cores,
           "mb_per_s": text_bytes / MB / seconds,
           "mb_per_s_per_core": text_bytes / MB / seconds / cores,
-          "tokens": manifest["counts"]["tokens"], "documents": manifest["counts"]["documents"]}
+          "tokens": manifest["counts"]["tokens"], "documents": manifest["counts"]["documents"],
+          "vocab_every_document": manifest["settings"]["vocab_every_document"]}
 
 
 def _data_config(prep: Path, vocab_size: int, seq_len: int) -> Any:
@@ -148,6 +149,7 @@ config.data.data_dir, config.data.vocab_size = sys.argv[2], int(sys.argv[3])
 steps = int(sys.argv[4])
 config.train.steps = config.train.eval_every_steps = config.checkpoint.every_steps = steps
 config.train.log_every_steps = 10
+config.train.eval_examples = 2048  # The same evaluation work on either corpus.
 config.logging.tensorboard = config.logging.progress_bar = False
 from dsjax.train import train_and_evaluate
 summary = train_and_evaluate(config, sys.argv[5])
@@ -220,11 +222,12 @@ def main() -> None:
         corpus = root / f"rss-{name}" / "corpus.jsonl"
         size = write_corpus(corpus, megabytes, seed=1)
         folder = root / f"rss-{name}" / "prep"
-        prepare_text(str(corpus), folder, vocab_size=args.vocab_size, workers=args.workers,
-                     progress=False)
+        prepared = bench_prepare(corpus, folder, args.vocab_size, args.workers)
+        print(f"(d) prepare-text on {size / MB:.0f} MB: {prepared['mb_per_s']:.2f} MB/s, "
+              f"{prepared['mb_per_s_per_core']:.2f} MB/s per core", flush=True)
         corpus.unlink()  # The run reads the shards only.
         row = bench_rss(folder, args.vocab_size, args.rss_steps, root / f"rss-{name}" / "run")
-        results["rss"][name] = {"corpus_mb": size / MB, **row}
+        results["rss"][name] = {"corpus_mb": size / MB, "prepare": prepared, **row}
         print(f"(d) bert-tiny, {args.rss_steps} steps on {size / MB:.0f} MB: peak RSS "
               f"{row['peak_rss_mb']:.0f} MB", flush=True)
       small, large = results["rss"]["small"], results["rss"]["large"]

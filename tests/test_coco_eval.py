@@ -81,6 +81,23 @@ def test_images_without_detections_count_as_misses(tmp_path):
   assert metrics["ap_small"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_image_ids_score_those_images_only(tmp_path):
+  """Evaluation restricted to some images (train.eval_examples on a COCO file) scores as
+  a ground truth of those images alone would; an id outside it is refused."""
+  truth = ground_truth()
+  path = tmp_path / "instances.json"
+  path.write_text(json.dumps(truth))
+  results = [r for r in as_results(truth) if r["image_id"] != 21]
+  assert coco_eval.evaluate(path, results, [3, 8, 42]) == pytest.approx(
+      {key: 1.0 for key in coco_eval.METRIC_KEYS})
+  only = {**truth, "images": [i for i in truth["images"] if i["id"] in (3, 21)],
+          "annotations": [a for a in truth["annotations"] if a["image_id"] in (3, 21)]}
+  subset = [r for r in results if r["image_id"] == 3]
+  assert coco_eval.evaluate(path, subset, [3, 21]) == coco_eval.evaluate(only, subset)
+  with pytest.raises(ValueError, match=r"image_ids \[7\] are not in the ground truth"):
+    coco_eval.evaluate(path, results, [3, 7])
+
+
 def test_empty_results_score_zero_and_minus_one_for_sizes_without_objects():
   metrics = coco_eval.evaluate(ground_truth(), [])
   assert metrics == dict.fromkeys(coco_eval.METRIC_KEYS, 0.0)

@@ -112,6 +112,31 @@ def test_streamed_tokenizer_training_equals_the_list(documents):
         scratch, texts)
 
 
+def test_vocabulary_trained_on_a_sample(tmp_path, documents):
+  """vocab_sample_mb trains on every k-th document (k from the inputs' size) and encodes
+  them all; a sample as big as the corpus is the whole corpus."""
+  source = _write_jsonl(tmp_path / "topics.jsonl", documents[:30])
+  size = source.stat().st_size / 1e6
+  sampled = prepare_text(str(source), tmp_path / "third", vocab_size=VOCAB,
+                         vocab_sample_mb=size / 2.5, progress=False)
+  assert sampled["settings"]["vocab_every_document"] == 3
+  tokenizer = text.train_tokenizer(documents[:30:3], VOCAB)
+  assert (tmp_path / "third" / "tokenizer.json").read_text() == tokenizer.to_str()
+  assert sampled["counts"]["documents"] == 30
+  tokens = np.fromfile(tmp_path / "third" / "shard-00000.tokens.bin", "<u2")
+  expected = [e.ids for e in tokenizer.encode_batch(documents[:30], add_special_tokens=False)]
+  np.testing.assert_array_equal(tokens, np.concatenate(expected))
+  full = prepare_text(str(source), tmp_path / "all", vocab_size=VOCAB,
+                      vocab_sample_mb=size, progress=False)
+  assert full["settings"]["vocab_every_document"] == 1
+  assert (tmp_path / "all" / "tokenizer.json").read_text() == text.train_tokenizer(
+      documents[:30], VOCAB).to_str()
+  for bad in (-1, "many", True):
+    with pytest.raises(DataError, match="--vocab-sample-mb must be a number >= 0"):
+      prepare_text(str(source), tmp_path / "bad", vocab_size=VOCAB, vocab_sample_mb=bad,
+                   progress=False)
+
+
 def test_txt_chunks_split_as_the_whole_file(tmp_path, monkeypatch):
   """Paragraphs read chunk by chunk (a chunk boundary inside CRLF, inside a multi-byte
   character, inside a run of blank lines) are those of the whole file."""
@@ -320,6 +345,8 @@ def test_data_command(tmp_path, small, capsys):
       (["prepare-text", "--input", str(small), "extra.txt", "--out", "p"], "quote the --input"),
       (["prepare-text", "--input", str(small), "--out", "p", "--vocab-size", "300",
         "--vocab-file", "v.txt"], "not both"),
+      (["prepare-text", "--input", str(small), "--out", "p", "--vocab-sample-mb", "5",
+        "--vocab-file", "v.txt"], "--vocab-file trains none"),
       (["--input", str(small)], "give a command")):
     with pytest.raises(SystemExit) as exit_:
       cli.data_main(["dsjax-data", *argv])
@@ -328,7 +355,7 @@ def test_data_command(tmp_path, small, capsys):
     assert err.startswith("dsjax-data: error: ") and expected in err
   prep = tmp_path / "prep"
   cli.data_main(["dsjax-data", "prepare-text", "--input", str(small), "--out", str(prep),
-                 "--vocab-size", "300", "--workers", "1"])
+                 "--vocab-size", "300", "--workers", "1", "--vocab-sample-mb", "0"])
   out = capsys.readouterr().out
   assert "MB/s of text" in out and f"--config.data.data_dir={prep}" in out
   assert get_dataset(_config(prep)).num_classes == VOCAB

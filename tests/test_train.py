@@ -59,6 +59,22 @@ def test_mlm_evaluation_does_not_depend_on_the_batch_size():
     assert batched["accuracy"] == pytest.approx(whole["accuracy"], abs=1e-12)
 
 
+def test_eval_examples_scores_the_first_examples(tmp_path):
+  """train.eval_examples: evaluate_split scores the split's first N examples, exactly as
+  evaluating those examples alone."""
+  from dsjax.train import evaluation
+
+  state, _, _ = _setup()
+  config = config_lib.with_model_defaults(config_lib.base_config(), "cnn-digits")
+  dataset = data.get_dataset(config.data)
+  eval_fn = jax.jit(make_eval_step(CLS))
+  first = {key: value[:50] for key, value in dataset.splits["val"].items()}
+  capped = evaluation.evaluate_split(state, eval_fn, dataset, "val", 32, tmp_path,
+                                     max_examples=50)
+  assert capped == evaluate(state, eval_fn, first, 32)
+  assert capped != evaluation.evaluate_split(state, eval_fn, dataset, "val", 32, tmp_path)
+
+
 def _tiny_mlm(**data_fields):
   config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
   config.model.update(hidden=16, num_layers=1, num_heads=2, mlp_dim=32, max_position=16)

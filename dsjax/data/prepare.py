@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -39,11 +40,13 @@ import numpy as np
 import tqdm
 
 import dsjax
-from dsjax.data import shards, sources, text
+from dsjax.data import shards, sources, text, wordpiece
 from dsjax.errors import DataError
 
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_SHARD_TOKENS = 1 << 26  # 128 MB of uint16 ids: few files, and a cheap redo.
+# Training reads the sample twice and the whole corpus once; the encoding reads it once.
+DEFAULT_VOCAB_SAMPLE_MB = 256.0
 _BATCH_CHARS = 1 << 19  # Per task: big enough to amortise the hand-off to a worker.
 _BATCH_DOCUMENTS = 4096
 
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 
 def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
                  *, vocab_size: int | None = None, vocab_file: str | None = None,
-                 workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 vocab_sample_mb: float = DEFAULT_VOCAB_SAMPLE_MB, workers: int = 1,
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS,
                  progress: bool = True) -> dict[str, Any]:
   """Tokenizes a corpus once into `out`, resuming a run on the same `out`.
 
@@ -61,6 +65,9 @@ def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
     out: the folder to write; new, empty, or a previous run's on the same inputs.
     vocab_size: train a WordPiece vocabulary of this size (default DEFAULT_VOCAB_SIZE).
     vocab_file: use this pretrained vocab.txt instead of training one.
+    vocab_sample_mb: train the vocabulary on every k-th document, k the smallest that
+      brings the inputs' size under this many MB (0: on every document). A corpus under
+      it gets the tokenizer `text.load_text` trains on the same documents in memory.
     workers: tokenizing processes; 1 tokenizes in this process.
     shard_tokens: a shard is closed after the document that takes it to this many tokens.
     progress: show progress bars (MB/s of text) on stderr.
@@ -72,13 +79,18 @@ def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
     DataError: for bad settings or inputs (each names the file), an `out` holding another
       corpus, or a corpus without a single token.
   """
-  requested, vocab_path = _check_settings(vocab_size, vocab_file, workers, shard_tokens)
+  requested, vocab_path = _check_settings(vocab_size, vocab_file, vocab_sample_mb, workers,
+                                          shard_tokens)
   out = Path(out).expanduser().absolute()
   found = sources.find_inputs(inputs, exclude=out.resolve())
+  input_bytes = sum(item.describe()["size"] for item in found)
+  every = 1 if vocab_path or not vocab_sample_mb else max(
+      1, math.ceil(input_bytes / (vocab_sample_mb * 1e6)))
   settings = {
       "format_version": shards.FORMAT_VERSION, "recipe": text._RECIPE_VERSION,
       "tokenizers_version": text._tokenizers().__version__, "shard_tokens": int(shard_tokens),
-      "vocab_size": requested,
+      "vocab_size": requested, "vocab_sample_mb": float(vocab_sample_mb),
+      "vocab_every_document": every,
       "vocab_file": None if vocab_path is None else {
           **shards.file_entry(vocab_path), "file": str(vocab_path)}}
   state = {"inputs": [item.describe() for item in found], "settings": settings}
@@ -88,7 +100,8 @@ def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
   if manifest is not None:
     log.info("%s is already prepared from these inputs; nothing to do.", out)
     return manifest
-  tokenizer, vocabulary, total = _tokenizer(out, found, requested, vocab_path, progress)
+  tokenizer, vocabulary, total = _tokenizer(out, found, requested, vocab_path, every,
+                                            progress)
   dtype = "uint16" if max(tokenizer.get_vocab().values()) < 1 << 16 else "uint32"
   done = _finished_shards(out, vocabulary["sha256"])
   bar = _bar(progress, "tokenize", total)
@@ -131,11 +144,15 @@ def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
   return manifest
 
 
-def _check_settings(vocab_size: Any, vocab_file: str | None, workers: Any,
-                    shard_tokens: Any) -> tuple[int | None, Path | None]:
+def _check_settings(vocab_size: Any, vocab_file: str | None, vocab_sample_mb: Any,
+                    workers: Any, shard_tokens: Any) -> tuple[int | None, Path | None]:
   """(requested vocabulary size or None, vocab file path or None), both checked."""
   if vocab_size is not None and vocab_file:
     raise DataError("prepare-text: give --vocab-size or --vocab-file, not both.")
+  if (isinstance(vocab_sample_mb, bool) or not isinstance(vocab_sample_mb, (int, float))
+      or not vocab_sample_mb >= 0):
+    raise DataError(f"prepare-text: --vocab-sample-mb must be a number >= 0 (0: train on "
+                    f"every document), got {vocab_sample_mb!r}.")
   for name, value in (("workers", workers), ("shard-tokens", shard_tokens)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise DataError(f"prepare-text: --{name} must be a positive integer, got {value!r}.")
@@ -255,10 +272,10 @@ def _finished_shards(out: Path, vocab_sha256: str) -> dict[int, dict[str, Any]]:
 
 
 def _tokenizer(out: Path, found: Sequence[sources.Input], requested: int | None,
-               vocab_path: Path | None,
+               vocab_path: Path | None, every: int,
                progress: bool) -> tuple[Any, dict[str, Any], int | None]:
   """Trains (or reuses a previous run's) or loads the tokenizer; writes vocab.txt and
-  tokenizer.json into `out`.
+  tokenizer.json into `out`. It is trained on every `every`-th document.
 
   Returns:
     (tokenizer, the manifest's vocabulary entry, the text bytes if this call read them).
@@ -270,12 +287,13 @@ def _tokenizer(out: Path, found: Sequence[sources.Input], requested: int | None,
   def stream() -> Iterator[str]:
     name = next(passes, "train")
     with _bar(progress, name, None if name == "read" else count[1]) as bar:
-      for document in sources.documents(found):
+      for index, document in enumerate(sources.documents(found)):
         size = _text_bytes(document)
         if name == "read":
           count[0], count[1] = count[0] + 1, count[1] + size
         bar.update(size)
-        yield document
+        if index % every == 0:
+          yield document
       count[2] = 1
 
   reuse = tokenizer_file.is_file() and vocab_txt.is_file()  # This run's own, from before.
@@ -326,15 +344,12 @@ class _Encoder:
   """Encodes documents as text.load_text does: no [CLS]/[SEP], "[MASK]" in text is text."""
 
   def __init__(self, tokenizer_file: str, dtype: str):
-    self.tokenizer = text._tokenizers().Tokenizer.from_file(tokenizer_file)
-    self.tokenizer.encode_special_tokens = True
+    self.encoder = wordpiece.FastEncoder(text._tokenizers().Tokenizer.from_file(tokenizer_file))
     self.dtype = np.dtype(dtype).newbyteorder("<")
-    # The offsets `encode_batch` also computes are not needed; the ids are the same.
-    self.encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
 
   def __call__(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(token counts int64 [n], the ids back to back, UTF-8 bytes int64 [n])."""
-    ids = [e.ids for e in self.encode(documents, add_special_tokens=False)]
+    ids = self.encoder.encode(documents)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(lengths.sum()))
     sizes = np.fromiter(map(_text_bytes, documents), np.int64, len(documents))

@@ -169,7 +169,8 @@ def _check_entry(index: int, entry: Any, image_ids: set[int], category_ids: set[
 
 
 def evaluate(ground_truth: Mapping[str, Any] | str | os.PathLike,
-             results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+             results: Sequence[Mapping[str, Any]],
+             image_ids: Sequence[int] | None = None) -> dict[str, float]:
   """COCO box AP of `results` against `ground_truth`, by pycocotools' COCOeval ("bbox").
 
   Evaluation covers every image of the ground truth (an image without detections counts
@@ -183,6 +184,7 @@ def evaluate(ground_truth: Mapping[str, Any] | str | os.PathLike,
       "licenses", and the annotations' "id", "iscrowd" and "area" are optional), or the
       path of such a JSON file. It is not modified.
     results: COCO results entries, e.g. from `detections_to_results`. Not modified.
+    image_ids: score these images of the ground truth only (None: all of them).
 
   Returns:
     {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}: COCOeval.stats[0..5],
@@ -197,7 +199,10 @@ def evaluate(ground_truth: Mapping[str, Any] | str | os.PathLike,
   from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
 
   dataset = _ground_truth(ground_truth)
-  image_ids = {image["id"] for image in dataset["images"]}
+  known = {image["id"] for image in dataset["images"]}
+  image_ids = known if image_ids is None else set(image_ids)
+  if not image_ids <= known:
+    raise ValueError(f"image_ids {sorted(image_ids - known)[:5]} are not in the ground truth")
   category_ids = {category["id"] for category in dataset["categories"]}
   for index, entry in enumerate(results):
     _check_entry(index, entry, image_ids, category_ids)

@@ -107,8 +107,8 @@ def evaluate(state: TrainState, eval_fn: Any, arrays: dict[str, np.ndarray],
 
 def evaluate_split(state: TrainState, eval_fn: Any, dataset: data.Dataset, split: str,
                    batch_size: int, workdir: Path, mesh: jax.sharding.Mesh | None = None,
-                   rules: Any = (), microbatches: int = 1, *, draw: bool = False
-                   ) -> dict[str, float]:
+                   rules: Any = (), microbatches: int = 1, *, draw: bool = False,
+                   max_examples: int = 0) -> dict[str, float]:
   """`evaluate` of one split of a dataset, with COCO box AP when the task detects.
 
   A detector's decoded boxes go back to the original image coordinates, into
@@ -124,12 +124,16 @@ def evaluate_split(state: TrainState, eval_fn: Any, dataset: data.Dataset, split
     draw: also draw `workdir/predictions.png`, the split's first images with their true
       and predicted boxes (needs matplotlib, the `plot` extra; skipped with a warning
       without it).
+    max_examples: evaluate on the split's first this many examples (0: all); a
+      detector's COCO annotation file is then scored on their images only.
 
   Returns:
     `evaluate`'s metrics, plus `ap`, `ap50`, `ap75`, `ap_small`, `ap_medium`, `ap_large`
     for a detector (-1 where the split has no box of that size, as pycocotools reports).
   """
   arrays = dataset.splits[split]
+  if 0 < max_examples < data.num_examples(arrays):
+    arrays = {key: column[:max_examples] for key, column in arrays.items()}
   result, outputs = run_eval(state, eval_fn, arrays, batch_size, mesh, rules, microbatches)
   if "score" in outputs:
     result["auc"] = measure.roc_auc(np.asarray(arrays["label"]), outputs["score"])
@@ -141,7 +145,8 @@ def evaluate_split(state: TrainState, eval_fn: Any, dataset: data.Dataset, split
       outputs["boxes"], outputs["box_scores"], outputs["box_classes"], arrays["image_id"],
       arrays["letterbox"], [category["id"] for category in categories])
   ground_truth = _ground_truth(metadata, arrays, split)
-  result.update(coco_eval.evaluate(ground_truth, results))
+  image_ids = None if isinstance(ground_truth, dict) else np.asarray(arrays["image_id"]).tolist()
+  result.update(coco_eval.evaluate(ground_truth, results, image_ids))
   if distributed.is_primary():
     coco_eval.write_results(workdir / f"detections_{split}.json", results)
     if draw:

@@ -518,7 +518,8 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     if is_eval and has_val:
       val = evaluation.evaluate_split(loop.state, eval_fn, dataset, "val",
                                       train_cfg.eval_batch_size, workdir, mesh, rules,
-                                      plan.pipeline.microbatches)
+                                      plan.pipeline.microbatches,
+                                      max_examples=train_cfg.eval_examples)
       record.update({f"eval_{key}": value for key, value in val.items()})
     loop.writer.write(loop.done, record)
     loop.record = record
@@ -551,7 +552,8 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
     # The last split evaluated (test where there is one) is the one predictions.png draws.
     result = evaluation.evaluate_split(state, eval_fn, dataset, split,
                                        train_cfg.eval_batch_size, workdir, mesh, rules,
-                                       plan.pipeline.microbatches, draw=split == evaluated[-1])
+                                       plan.pipeline.microbatches, draw=split == evaluated[-1],
+                                       max_examples=train_cfg.eval_examples)
     prefix = "eval" if split == "val" else split
     summary.update({f"{prefix}_{key}": value for key, value in result.items()})
   log.info("final: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
