@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 from test_checkpoint import assert_trees_equal, final_state
 from test_cli import kill_after_first_checkpoint
+from test_detection import load_config
 
 from dsjax import config as config_lib
 from dsjax.data import BatchIterator, GrainLoader, get_dataset, image_folder, text
@@ -312,6 +313,32 @@ def test_image_folder_trains(tmp_path):
   assert "eval_loss" in summary
 
 
+def test_search_reads_an_image_folder_batch_by_batch(tmp_path, monkeypatch):
+  """dsjax-search on an image folder: its halves are lazy (`lazy.take` gives the rows
+  fancy indexing gives), and no read takes more than a batch of rows."""
+  from dsjax.data import lazy
+  from dsjax.train import search_architecture
+
+  _write_images(tmp_path / "data" / "train", {"cat": 12, "dog": 12})
+  split = get_dataset(_image_config(tmp_path / "data", augment=False)).splits["train"]
+  indices = np.asarray([5, 0, 17, 3])
+  taken = lazy.take(split, indices)
+  assert lazy.is_lazy(taken) and len(taken["label"]) == 4
+  _assert_batches_equal({k: v[:] for k, v in taken.items()},
+                        {k: v[indices] for k, v in split.items()}, "take")
+  reads = []
+  original = image_folder.ImageFiles.read
+  monkeypatch.setattr(image_folder.ImageFiles, "read",
+                      lambda self, rows: reads.append(len(rows)) or original(self, rows))
+  config = load_config("digits_dnas")
+  config.data.name, config.data.data_dir = "image-folder", str(tmp_path / "data")
+  config.data.image_size, config.data.augment, config.data.val_fraction = 8, False, 0.25
+  config.train.batch_size = 4
+  config.logging.tensorboard = config.logging.progress_bar = False
+  summary = search_architecture(config, tmp_path / "search")
+  assert summary["steps"] == 2 and reads and max(reads) <= 4, reads
+
+
 def test_image_folder_bad_inputs_are_named(tmp_path):
   with pytest.raises(DataError, match="data_dir is not set"):
     get_dataset(_image_config(""))
@@ -332,10 +359,12 @@ def test_image_folder_bad_inputs_are_named(tmp_path):
   broken = tmp_path / "bad" / "cat" / "001.png"
   broken.write_bytes(broken.read_bytes()[:40])  # A truncated PNG.
   dataset = get_dataset(_image_config(tmp_path / "bad", val_fraction=0.0))
-  loader = GrainLoader(dataset.splits["train"], 3, seed=0, transform=dataset.transform)
-  with pytest.raises(DataError, match=f"cannot read the image {broken}"):
-    next(loader)
-  loader.close()
+  for workers in (0, 1):  # In a worker process, the same error reaches the trainer.
+    loader = GrainLoader(dataset.splits["train"], 3, seed=0, workers=workers,
+                         transform=dataset.transform)
+    with pytest.raises(DataError, match=f"cannot read the image {broken}"):
+      next(loader)
+    loader.close()
 
 
 def test_loader_config_is_checked():

@@ -116,6 +116,34 @@ class LazyColumn:
     return f"LazyColumn({self.key!r}, shape={self.shape}, dtype={self.dtype})"
 
 
+class Subset(RecordSource):
+  """The examples of `parent` at `indices`, in that order, read from `parent` on demand."""
+
+  def __init__(self, parent: RecordSource, indices: np.ndarray):
+    self.parent, self.indices = parent, np.asarray(indices, np.int64)
+    self.spec = parent.spec
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return self.parent.read(self.indices[indices])
+
+
+def take(arrays: Mapping[str, Any], indices: np.ndarray) -> dict[str, Any]:
+  """`{key: column[indices]}` of a split, without reading its lazy columns: those become
+  columns of a `Subset` (one per source, so a batch's columns still share a read)."""
+  subsets: dict[int, Subset] = {}
+  out = {}
+  for key, column in arrays.items():
+    if isinstance(column, LazyColumn):
+      subset = subsets.setdefault(id(column.source), Subset(column.source, indices))
+      out[key] = LazyColumn(subset, column.key)
+    else:
+      out[key] = column[indices]
+  return out
+
+
 def lazy_split(source: RecordSource) -> dict[str, LazyColumn]:
   """The split's mapping of entry -> `LazyColumn`, every one reading from `source`."""
   return {key: LazyColumn(source, key) for key in source.spec}

@@ -37,6 +37,9 @@ LOADERS = ("auto", "memory", "grain")
 STREAMED_DATASETS = ("image-folder",)
 # MapDataset.range's end: more steps than any run takes.
 _ENDLESS = 1 << 62
+# A worker process's DataError travels to the training process as this batch entry (its
+# message, UTF-8): raised in a worker, grain would only say that the worker died.
+_ERROR_KEY = "__dsjax_data_error__"
 
 
 def _field(data_config: Any, name: str, default: Any) -> Any:
@@ -77,9 +80,10 @@ class _BatchAt:
   worker processes can run it)."""
 
   def __init__(self, arrays: Mapping[str, Any], batch_size: int, seed: int, shuffle: bool,
-               rows: tuple[int, int] | None, transform: Callable[..., Any] | None):
+               rows: tuple[int, int] | None, transform: Callable[..., Any] | None,
+               carry_errors: bool = False):
     self.arrays, self.batch_size, self.seed, self.shuffle = arrays, batch_size, seed, shuffle
-    self.rows, self.transform = rows, transform
+    self.rows, self.transform, self.carry_errors = rows, transform, carry_errors
     self.num_examples = len(next(iter(arrays.values())))
     self.steps_per_epoch = self.num_examples // batch_size
     self._orders: dict[int, np.ndarray] = {}
@@ -99,6 +103,14 @@ class _BatchAt:
       return self._orders[epoch]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
+    if not self.carry_errors:
+      return self._read(step)
+    try:
+      return self._read(step)
+    except DataError as error:
+      return {_ERROR_KEY: np.frombuffer(str(error).encode(), np.uint8)}
+
+  def _read(self, step: int) -> dict[str, np.ndarray]:
     epoch, within = divmod(int(step), self.steps_per_epoch)
     indices = self._order(epoch)[within * self.batch_size:(within + 1) * self.batch_size]
     if self.rows is not None:
@@ -157,9 +169,9 @@ class GrainLoader(BatchIterator):
     self.close()
     self._rows = rows
 
-  def _reader(self) -> _BatchAt:
+  def _reader(self, carry_errors: bool = False) -> _BatchAt:
     return _BatchAt(self.arrays, self.batch_size, self.seed, self.shuffle, self._rows,
-                    self.transform)
+                    self.transform, carry_errors)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The batch of step `step`, read in this thread (the pipeline's batches are these)."""
@@ -170,7 +182,7 @@ class GrainLoader(BatchIterator):
   def _start(self) -> None:
     import grain.python as grain  # The namespace of every grain >= 0.2.
 
-    dataset = grain.MapDataset.range(self.step, _ENDLESS).map(self._reader())
+    dataset = grain.MapDataset.range(self.step, _ENDLESS).map(self._reader(self.workers > 0))
     if self.prefetch == 0 and self.workers == 0:
       self._iterator = iter(dataset)  # Read in this thread, on demand.
     else:
@@ -192,6 +204,9 @@ class GrainLoader(BatchIterator):
     batch = next(self._iterator)
     if self.workers:  # Out of the workers' shared memory, which they reuse.
       batch = {key: np.array(value) for key, value in batch.items()}
+      if _ERROR_KEY in batch:
+        self.close()
+        raise DataError(batch[_ERROR_KEY].tobytes().decode())
     self.step += 1
     self._position += 1
     return batch

@@ -29,6 +29,7 @@ import ml_collections
 import optax
 
 from dsjax import measure, nas, plots
+from dsjax.data import lazy
 from dsjax.data.dataset import BatchIterator, split_train_val
 from dsjax.errors import ConfigError
 from dsjax.parallel import distributed, sharding
@@ -123,8 +124,8 @@ def _search(plan: RunPlan, workdir: Path, checkpointer: Any,
   examples = len(next(iter(train_split.values())))
   # A seed apart from the train/val split's, so the halves do not mirror that split.
   arch_idx, weight_idx = split_train_val(examples, examples // 2, [config.data.split_seed, 7])
-  halves = {"train": {k: v[weight_idx] for k, v in train_split.items()},
-            "val": {k: v[arch_idx] for k, v in train_split.items()}}
+  # Lazy splits (prepared shards, image folders) stay on disk: each batch reads its rows.
+  halves = {"train": lazy.take(train_split, weight_idx), "val": lazy.take(train_split, arch_idx)}
   batch_size = config.train.batch_size
   batch_sharding = sharding.batch_sharding(mesh)
   iterators = {"train_data": BatchIterator(halves["train"], batch_size, seed=config.seed),
