@@ -11,7 +11,10 @@ instead of FLOPs. The fp32 `cnn-digits` baseline (configs/digits_cnn.py) has ~1.
 (1.56e9 bit-ops) and 397 KB of parameters; the issue's targets are 50x fewer bit-ops and a
 20x smaller model. The stem and the classifier head stay float32 (the stem alone: 9216
 MACs, 9.4e6 bit-ops). The retrain (`--architecture`) trains the integer blocks
-quantization-aware.
+quantization-aware. The formats are relaxed EdMIPS-style (`format_mixing="operands"`: each
+op convolves the format-mixed inputs with the format-mixed kernel), one convolution per op
+instead of one per op and format: the search takes half the time of the output mixture on
+the 2-core CPU (docs/benchmarks.md).
 """
 
 from dsjax import config as config_lib
@@ -23,6 +26,7 @@ def get_config(arg: str | None = None):
   variants = config_lib.parse_arg(arg, tiny=False)
   config = digits_dnas.get_config("tiny" if variants.tiny else None)
   config.model.backbone.precision_choices = ("float32", "bfloat16", "int8", "int4")
+  config.model.backbone.format_mixing = "operands"
   config.resource.target_flops = 0.0  # The bit-ops budget counts the work instead.
   config.resource.target_bitops = 2e7  # 78x fewer than cnn-digits' 1.56e9.
   config.resource.target_model_bytes = 1.5e4  # 26x smaller than its 397 KB.

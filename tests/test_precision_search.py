@@ -5,6 +5,7 @@ Tiny spaces on tiny inputs: compilation dominates on CPU, so each test compiles 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -110,10 +111,13 @@ def test_without_precision_choices_nothing_changes(tmp_path):
     nas.SearchSpace(precision_choices=("int3",))
 
 
-def test_the_relaxed_block_mixes_the_per_format_outputs_of_shared_weights():
+@pytest.mark.parametrize("mixing", nas.FORMAT_MIXINGS)
+def test_the_relaxed_block_mixes_the_formats_of_shared_weights(mixing):
+  """outputs: sum_f p_f op_f(x) (Wu et al.); operands: op(sum_f p_f Q_f(x), sum_f p_f Q_f(W))
+  (EdMIPS), one convolution."""
   space = nas.SearchSpace(min_channels=4, max_channels=4, channel_choices=1, depth_range=(1, 1),
                           kernel_sizes=(3,), ops=("conv", "identity"), stem_channels=0,
-                          head="none", precision_choices=FORMATS)
+                          head="none", precision_choices=FORMATS, format_mixing=mixing)
   model = Supernet(space, num_classes=4, relaxation="softmax")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4)) * 3.0
   variables = model.init(jax.random.PRNGKey(1), x)
@@ -130,14 +134,21 @@ def test_the_relaxed_block_mixes_the_per_format_outputs_of_shared_weights():
   kernel, bias = conv["kernel"].unbox(), conv["bias"].unbox()
   p_format, p_op = jax.nn.softmax(format_logits), jax.nn.softmax(op_logits)
 
-  def conv_in(fmt):
-    y = jax.lax.conv_general_dilated(
-        apply_format(x, fmt), apply_format(kernel, fmt, channel_axis=-1), (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  def conv(inputs, weights):
+    y = jax.lax.conv_general_dilated(inputs, weights, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jax.nn.relu(y + bias)
 
-  want = (p_op[0] * sum(p_format[f] * conv_in(fmt) for f, fmt in enumerate(FORMATS))
-          + p_op[1] * x)
+  def conv_in(fmt):
+    return conv(apply_format(x, fmt), apply_format(kernel, fmt, channel_axis=-1))
+
+  if mixing == "outputs":
+    mixed = sum(p_format[f] * conv_in(fmt) for f, fmt in enumerate(FORMATS))
+  else:
+    mixed = conv(sum(p_format[f] * apply_format(x, fmt) for f, fmt in enumerate(FORMATS)),
+                 sum(p_format[f] * apply_format(kernel, fmt, channel_axis=-1)
+                     for f, fmt in enumerate(FORMATS)))
+  want = p_op[0] * mixed + p_op[1] * x
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   # The formats do differ here: int4 is not float32.
   assert float(jnp.max(jnp.abs(conv_in("int4") - conv_in("float32")))) > 1e-2
@@ -199,10 +210,11 @@ def known_data(seed: int, n: int, wide: bool = True) -> tuple[np.ndarray, np.nda
   return x, (signal.sum(axis=(1, 2, 3)) > 0).astype(np.int32)
 
 
-@pytest.fixture(scope="module")
-def known_search():
-  model = Supernet(KNOWN_SPACE, num_classes=2, relaxation="gumbel")
-  penalty = nas.make_arch_penalty(KNOWN_SPACE, KNOWN_INPUT, 2, target_bitops=1.0,
+@pytest.fixture(scope="module", params=nas.FORMAT_MIXINGS)
+def known_search(request):
+  space = dataclasses.replace(KNOWN_SPACE, format_mixing=request.param)
+  model = Supernet(space, num_classes=2, relaxation="gumbel")
+  penalty = nas.make_arch_penalty(space, KNOWN_INPUT, 2, target_bitops=1.0,
                                   resource_weight=0.1)
   step = jax.jit(nas.make_search_step(warmup_steps=50, arch_penalty_fn=penalty))
   steps, batch = 250, 32

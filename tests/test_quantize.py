@@ -19,6 +19,7 @@ from dsjax.precision import (
     fake_quant,
     get_format,
     model_bytes,
+    quantize,
 )
 
 
@@ -132,6 +133,25 @@ def test_float_formats_are_round_trip_casts():
   assert apply_format(x.astype(jnp.bfloat16), "float32").dtype == jnp.bfloat16
   with pytest.raises(ConfigError, match="takes no quantization scale"):
     apply_format(x, "bfloat16", scale=1.0)
+
+
+def test_a_format_mixture_is_the_weighted_sum_of_the_formats():
+  """FormatMixture (format_mixing="operands"): sum_f w_f * x in f, per channel for weights,
+  against the numpy reference and casts; its gradient in w_f is x in f."""
+  x = jnp.asarray(_rand((4, 8), seed=5) * 3)
+  weights = jnp.asarray([0.1, 0.2, 0.3, 0.4])
+  names = ("float32", "bfloat16", "int8", "int4")
+  mixture = quantize.FormatMixture(weights, names)
+  want = (0.1 * np.asarray(x) + 0.2 * np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))
+          + 0.3 * _reference(np.asarray(x), 8, axis=-1)
+          + 0.4 * _reference(np.asarray(x), 4, axis=-1))
+  np.testing.assert_allclose(apply_format(x, mixture, channel_axis=-1), want, rtol=1e-6,
+                             atol=1e-6)
+  grad = jax.grad(lambda w: jnp.sum(apply_format(
+      x, quantize.FormatMixture(w, names), channel_axis=-1)))(weights)
+  np.testing.assert_allclose(grad[3], _reference(np.asarray(x), 4, axis=-1).sum(), rtol=1e-5)
+  with pytest.raises(ConfigError, match="mixture takes no quantization scale"):
+    apply_format(x, mixture, scale=1.0)
 
 
 def test_integer_formats_quantize_weights_per_channel_and_activations_per_tensor():

@@ -23,12 +23,13 @@ Numeric formats. With `space.precision_choices` each search block also holds
 candidate format with the same weights (Wu et al. 2018's DNAS): sum_f w_f op_f(x), where
 op_f rounds the op's kernels (per output channel) and inputs (per tensor) to format f
 (`dsjax.nn.Conv`'s `numeric_format`). That costs formats x conv ops convolutions per block
-(param-free ops run once: they have no arithmetic to round) where EdMIPS' composite
-conv(sum_f w_f Q_f(x), sum_f w_f Q_f(w)) needs one; the output mixture is kept because it
-is exactly the expectation the joint format choice stands for (the one the bit-ops cost,
-E[bits^2] per MAC, counts) and the derived block computes one of its terms, while the
-composite mixes weight and activation formats independently (cross terms f != g). At
-digits and CIFAR scale the search stays convolution-cheap. A derived block computes in its
+(param-free ops run once: they have no arithmetic to round). It is the default
+(`space.format_mixing="outputs"`) because it is exactly the expectation the joint format
+choice stands for (the one the bit-ops cost, E[bits^2] per MAC, counts) and the derived
+block computes one of its terms. `format_mixing="operands"` is EdMIPS' composite
+conv(sum_f w_f Q_f(x), sum_f w_f Q_f(w)): one convolution per op whatever the number of
+formats, at the price of cross terms (weights of one format against inputs of another)
+in the relaxation. A derived block computes in its
 `BlockChoice.format` through the same `numeric_format` path: integer formats train
 quantization-aware (fake quantization, straight-through gradient) and float formats cast.
 """
@@ -53,7 +54,7 @@ from dsjax.nas import space as space_lib
 from dsjax.nas.derivation import choices_from_dict, load_architecture
 from dsjax.nas.ops import Op, fit_channels
 from dsjax.nas.space import BlockChoice, SearchSpace
-from dsjax.precision import LayerPrecision, PrecisionPlan
+from dsjax.precision import LayerPrecision, PrecisionPlan, quantize
 
 ARCH = "arch"
 GUMBEL_RNG = "gumbel"
@@ -98,9 +99,13 @@ class SearchBlock(nn.Module):
       op = Op(candidate, width, stride, space.activation, self.precision, space.batch_norm,
               affine=False, name=candidate)
       if formats and not ops_lib.get_op(ops_lib.op_family(candidate)).param_free:
-        # One op, one set of weights, called under every format: the weights are shared.
-        out = sum(format_weights[f] * op(x, train, numeric_format=fmt).astype(jnp.float32)
-                  for f, fmt in enumerate(formats))
+        if space.format_mixing == "operands":
+          out = op(x, train, numeric_format=quantize.FormatMixture(format_weights, formats))
+          out = out.astype(jnp.float32)
+        else:
+          # One op, one set of weights, called under every format: the weights are shared.
+          out = sum(format_weights[f] * op(x, train, numeric_format=fmt).astype(jnp.float32)
+                    for f, fmt in enumerate(formats))
       else:
         out = op(x, train).astype(jnp.float32)
       y = y + op_weights[i] * out

@@ -38,9 +38,10 @@ from dsjax.nas.derivation import (
     validate_architecture,
 )
 from dsjax.nas.relaxation import RELAXATIONS, relax
-from dsjax.nas.space import OPS, SearchSpace, from_config
+from dsjax.nas.space import FORMAT_MIXINGS, OPS, SearchSpace, from_config
 
 __all__ = [
+    "FORMAT_MIXINGS",
     "OPS",
     "RELAXATIONS",
     "SearchSpace",

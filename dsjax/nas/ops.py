@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from dsjax import nn as dsnn
 from dsjax.errors import ConfigError
-from dsjax.precision import LayerPrecision
+from dsjax.precision import LayerPrecision, quantize
 
 # `build(op, x, kernel_size, train) -> y`: runs inside `Op.__call__`, so the layers it
 # creates are `op`'s submodules (named as the op's parameters are: "conv", "bn", ...).
@@ -176,9 +176,10 @@ class Op(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               numeric_format: str | None = None) -> jax.Array:
-    """Applies the op; `numeric_format` (a `dsjax.precision.FORMATS` name) sets the format
-    its convolutions compute in (None: the run's precision). Param-free ops ignore it."""
+               numeric_format: str | quantize.FormatMixture | None = None) -> jax.Array:
+    """Applies the op; `numeric_format` (a `dsjax.precision.FORMATS` name, or a
+    `quantize.FormatMixture`) sets the format its convolutions compute in (None: the run's
+    precision). Param-free ops ignore it."""
     spec = get_op(op_family(self.candidate))
     if numeric_format is None or spec.param_free:
       return spec.build(self, x, op_kernel(self.candidate), train)
@@ -202,14 +203,14 @@ def _bias(c_out: Any, batch_norm: bool) -> Any:
 
 
 def _conv(op: Op, x: jax.Array, k: int | None, train: bool,
-          numeric_format: str | None = None) -> jax.Array:
+          numeric_format: str | quantize.FormatMixture | None = None) -> jax.Array:
   y = dsnn.Conv(op.features, (k, k), strides=op.stride, use_bias=not op.batch_norm,
                 name="conv", precision=op.precision)(x, numeric_format=numeric_format)
   return normalise_and_activate(op, y, train)
 
 
 def _sep_conv(op: Op, x: jax.Array, k: int | None, train: bool,
-              numeric_format: str | None = None) -> jax.Array:
+              numeric_format: str | quantize.FormatMixture | None = None) -> jax.Array:
   # Depthwise k x k (no bias), then pointwise 1 x 1; both in the block's format.
   y = dsnn.Conv(x.shape[-1], (k, k), strides=op.stride, use_bias=False,
                 feature_group_count=x.shape[-1], name="depthwise", precision=op.precision)(

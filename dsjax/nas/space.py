@@ -34,6 +34,7 @@ from dsjax.precision import quantize
 OPS = ops_lib.known_ops()  # The built-in ops (conv, sep_conv, identity, zero): the default.
 HEADS = ("pool", "flatten", "none")
 ACTIVATIONS = ("relu", "silu", "gelu")
+FORMAT_MIXINGS = ("outputs", "operands")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,10 @@ class SearchSpace:
     precision_choices: numeric formats each block may compute in (`dsjax.precision.FORMATS`
       names, e.g. ("float32", "bfloat16", "int8", "int4")); empty: no format search. The
       stem and the classifier head always compute at the run's precision.
+    format_mixing: how the search relaxes a block's format choice. "outputs" (Wu et al.
+      2018): sum_f w_f op_f(x), each op computed under every format, the exact
+      expectation the costs count; "operands" (EdMIPS): op(sum_f w_f Q_f(x), sum_f w_f
+      Q_f(W)), one computation per op whatever the number of formats.
   """
 
   min_channels: int = 16
@@ -94,6 +99,7 @@ class SearchSpace:
   activation: str = "relu"
   batch_norm: bool = False
   precision_choices: tuple[str, ...] = ()
+  format_mixing: str = "outputs"
 
   def __post_init__(self) -> None:
     for name in ("depth_range", "kernel_sizes", "ops", "strides", "precision_choices"):
@@ -139,6 +145,8 @@ class SearchSpace:
                  f"{unknown_formats}; use names from {', '.join(quantize.FORMATS)}")
     elif len(set(self.precision_choices)) != len(self.precision_choices):
       out.append(f"precision_choices {self.precision_choices} repeats a format; list each once")
+    if self.format_mixing not in FORMAT_MIXINGS:
+      out.append(f"format_mixing must be one of {FORMAT_MIXINGS}, got {self.format_mixing!r}")
     if self.precision_choices and not unknown:
       unformatted = [op for op in self.ops if not ops_lib.get_op(op).param_free
                      and not ops_lib.get_op(op).formats]

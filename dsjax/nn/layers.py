@@ -67,7 +67,7 @@ def sow_stats(module: nn.Module, out: jax.Array, matmul_flops: float = 0.0,
   module.sow(STATS, "matmul_flops", jnp.asarray(float(matmul_flops), jnp.float32))
 
 
-def in_format(x: jax.Array, numeric_format: str | None, dtype: Any,
+def in_format(x: jax.Array, numeric_format: str | quantize.FormatMixture | None, dtype: Any,
               channel_axis: Any = None) -> jax.Array:
   """Returns `x` rounded to `numeric_format` (None: unchanged), in `dtype`.
 
@@ -110,7 +110,8 @@ class Dense(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, numeric_format: str | None = None) -> jax.Array:
+  def __call__(self, inputs: jax.Array,
+               numeric_format: str | quantize.FormatMixture | None = None) -> jax.Array:
     """Returns inputs @ kernel + bias; `numeric_format` rounds kernel and inputs first (see
     the module docstring)."""
     precision = self.precision
@@ -186,7 +187,8 @@ class Conv(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, numeric_format: str | None = None) -> jax.Array:
+  def __call__(self, inputs: jax.Array,
+               numeric_format: str | quantize.FormatMixture | None = None) -> jax.Array:
     """Convolves NHWC `inputs`; `numeric_format` rounds kernel (per output channel) and
     inputs (per tensor) first (see the module docstring)."""
     in_features = inputs.shape[-1]

@@ -197,13 +197,30 @@ def fake_quant(x: jax.Array, bits: int, *, axis: int | Sequence[int] | None = No
   return _quantize(xc, scale, qmax).astype(x.dtype)
 
 
-def apply_format(x: jax.Array, fmt: str | NumericFormat, *, channel_axis: Any = None,
-                 scale: Any = None) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class FormatMixture:
+  """A relaxed format choice: `apply_format` gives sum_f weights[f] * x rounded to f.
+
+  EdMIPS' (Cai and Vasconcelos 2020) composite operands: a layer computing in a mixture
+  convolves the mixed inputs with the mixed kernel, one convolution for all formats.
+
+  Attributes:
+    weights: float [len(formats)], the relaxed architecture weights (may be traced).
+    formats: the candidate formats' names.
+  """
+
+  weights: Any
+  formats: tuple[str, ...]
+
+
+def apply_format(x: jax.Array, fmt: str | NumericFormat | FormatMixture, *,
+                 channel_axis: Any = None, scale: Any = None) -> jax.Array:
   """Simulates `fmt` on `x`: what a layer in that format computes with, in x's dtype.
 
   Float formats cast to their dtype and back, so the rounding (and range) of a bfloat16 or
   float16 layer is exact inside a float32 graph; the backward pass rounds the cotangent
-  too, as that layer's would be. Integer formats call `fake_quant`.
+  too, as that layer's would be. Integer formats call `fake_quant`. A `FormatMixture` is
+  the weighted sum of `x` in each of its formats.
 
   Args:
     x: a floating-point tensor: a layer's weights or its input activations.
@@ -217,8 +234,13 @@ def apply_format(x: jax.Array, fmt: str | NumericFormat, *, channel_axis: Any = 
     x's shape and dtype.
 
   Raises:
-    ConfigError: an unknown format, or a scale given for a float format.
+    ConfigError: an unknown format, or a scale given for a float format or a mixture.
   """
+  if isinstance(fmt, FormatMixture):
+    if scale is not None:
+      raise ConfigError("a format mixture takes no quantization scale; drop the scale")
+    return sum(fmt.weights[i] * apply_format(x, name, channel_axis=channel_axis)
+               for i, name in enumerate(fmt.formats)).astype(jnp.asarray(x).dtype)
   fmt = get_format(fmt)
   x = jnp.asarray(x)
   _check_floating(x)
