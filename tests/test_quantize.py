@@ -135,6 +135,23 @@ def test_float_formats_are_round_trip_casts():
     apply_format(x, "bfloat16", scale=1.0)
 
 
+def test_non_negative_activations_take_the_unsigned_levels():
+  """A ReLU's output (per tensor, calibrated) uses 0 .. 2^bits - 1: the numpy reference
+  with qmax 15 for int4; a tensor with a negative value, and weights, stay signed."""
+  relu = jnp.maximum(jnp.asarray(_rand((4, 8), seed=6)), 0.0)
+  step = float(jnp.max(relu)) / 15
+  want = np.clip(np.round(np.asarray(relu) / step), 0, 15) * step
+  np.testing.assert_allclose(apply_format(relu, "int4"), want, rtol=1e-6, atol=1e-7)
+  assert len(np.unique(np.asarray(apply_format(relu, "int4")))) > 8  # More than signed's.
+  signed = jnp.asarray(_rand((4, 8), seed=6))
+  np.testing.assert_allclose(apply_format(signed, "int4"), _reference(np.asarray(signed), 4),
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(apply_format(relu, "int4", channel_axis=-1),
+                             _reference(np.asarray(relu), 4, axis=-1), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(fake_quant(relu, 4), _reference(np.asarray(relu), 4), rtol=1e-6,
+                             atol=1e-7)
+
+
 def test_a_format_mixture_is_the_weighted_sum_of_the_formats():
   """FormatMixture (format_mixing="operands"): sum_f w_f * x in f, per channel for weights,
   against the numpy reference and casts; its gradient in w_f is x in f."""

@@ -4,9 +4,11 @@ A `NumericFormat` names how a layer's weights and input activations are represen
 a float format ("float32", "bfloat16", "float16") is a cast, and `apply_format` rounds to
 it and back, so a bfloat16 layer's rounding is simulated inside a float32 graph; an integer
 format ("int8", "int4", "int2") is symmetric signed fake quantization (`fake_quant`):
-weights per output channel, activations per tensor. Costs are plain arithmetic on Python
-numbers or traced arrays, so a search can take their expectation under its probabilities
-(`expected_bits`, `expected_bit_ops`) and differentiate it in the logits.
+weights per output channel, activations per tensor (unsigned levels for an activation
+without negative values, a ReLU's output, as uint8/uint4 kernels take it). Costs are
+plain arithmetic on Python numbers or traced arrays, so a search can take their
+expectation under its probabilities (`expected_bits`, `expected_bit_ops`) and
+differentiate it in the logits.
 
 AQT (`aqtp` 0.9) is not used: its convolution path (`AqtConvGeneralDilated`) quantizes the
 forward pass only, and with jax 0.10 the gradients wrt kernel and input through it are
@@ -141,7 +143,7 @@ _quantize.defvjp(_quantize_fwd, _quantize_bwd)
 
 
 def fake_quant(x: jax.Array, bits: int, *, axis: int | Sequence[int] | None = None,
-               scale: Any = None) -> jax.Array:
+               scale: Any = None, unsigned_if_nonnegative: bool = False) -> jax.Array:
   """Symmetric signed integer fake quantization: quantize, then dequantize.
 
   x -> clip(round_half_even(x / scale), -qmax, qmax) * scale, qmax = 2^(bits-1) - 1; zero
@@ -164,6 +166,10 @@ def fake_quant(x: jax.Array, bits: int, *, axis: int | Sequence[int] | None = No
       for Dense [in, out] and Conv HWIO kernels).
     scale: None (calibrated max-abs), or positive scales broadcastable to x: a scalar, an
       array of x's rank, or (with `axis`) one of shape [x.shape[a] for a in axis].
+    unsigned_if_nonnegative: with a calibrated scale, a tensor without a negative value
+      (a ReLU's output) uses the unsigned levels 0 .. 2^bits - 1, as integer kernels take
+      post-ReLU activations (uint8, uint4): twice the levels of the signed range, which
+      would leave its negative half unused. Decided per call, from the values.
 
   Returns:
     The dequantized tensor, x's shape and dtype.
@@ -181,8 +187,14 @@ def fake_quant(x: jax.Array, bits: int, *, axis: int | Sequence[int] | None = No
   if scale is None:
     reduce = None if kept is None else tuple(a for a in range(x.ndim) if a not in kept)
     max_abs = jnp.max(jnp.abs(xc), axis=reduce, keepdims=kept is not None)
+    levels = qmax
+    if unsigned_if_nonnegative:
+      # Max-abs scales saturate nothing, so the wider clip of the unsigned range (which a
+      # signed tensor never reaches) leaves the signed case exactly as it was.
+      levels = jnp.where(jnp.all(xc >= 0), 2 * qmax + 1, qmax).astype(compute)
+      qmax = 2 * qmax + 1
     # An all-zero tensor (or channel) gets scale 1: its values quantize to 0, not NaN.
-    scale = jax.lax.stop_gradient(jnp.where(max_abs > 0, max_abs / qmax, 1.0))
+    scale = jax.lax.stop_gradient(jnp.where(max_abs > 0, max_abs / levels, 1.0))
   else:
     scale = jnp.asarray(scale, compute)
     if kept is not None and scale.shape == tuple(x.shape[a] for a in kept) and scale.ndim:
@@ -245,7 +257,9 @@ def apply_format(x: jax.Array, fmt: str | NumericFormat | FormatMixture, *,
   x = jnp.asarray(x)
   _check_floating(x)
   if fmt.kind == INT:
-    return fake_quant(x, fmt.bits, axis=channel_axis, scale=scale)
+    # Activations (one scale per tensor) of a ReLU are non-negative: unsigned levels.
+    return fake_quant(x, fmt.bits, axis=channel_axis, scale=scale,
+                      unsigned_if_nonnegative=channel_axis is None and scale is None)
   if scale is not None:
     raise ConfigError(f"{fmt.name} is a float format and takes no quantization scale; "
                       "drop the scale or use an integer format")
