@@ -243,6 +243,11 @@ def _patches(ablation: str) -> contextlib.AbstractContextManager:
     # The finite check and the norms as before: one reduction per leaf.
     stack.enter_context(_swap(step, "_reduction_operands", lambda tree: [
         x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]))
+  elif ablation == "select-skip" and hasattr(step, "_if_finite"):
+    from dsjax import precision  # noqa: PLC0415
+
+    stack.enter_context(_swap(step, "_if_finite", lambda finite, update, skip: (
+        precision.select_tree(finite, update(), skip()))))
   elif ablation == "argmax" and hasattr(tasks, "first_argmax"):
     stack.enter_context(_swap(tasks, "first_argmax", lambda logits: jnp.argmax(logits, -1)))
   elif ablation == "plain-matmul":
@@ -272,7 +277,11 @@ def _swap(owner: Any, name: str, value: Any) -> Iterator[None]:
 # name -> (config overrides, what it removes). Each removes one dsjax feature from the
 # default step; `_patches` handles the ones no config field reaches.
 ABLATIONS = {
-    "scan": ({"model.scan_unroll": 1}, "encoder layers in a loop (model.scan_unroll=1)"),
+    "scan": ({"model.scan_layers": True, "model.scan_unroll": 1},
+             "encoder layers stacked, in a loop (model.scan_layers=True, scan_unroll=1)"),
+    "stacked": ({"model.scan_layers": True},
+                "encoder layers stacked [layers, ...], unrolled (model.scan_layers=True)"),
+    "select-skip": ({}, "a non-finite step skipped by selecting the old state (as before)"),
     "full-head": ({"data.max_predictions": 0}, "MLM head on every position"),
     "per-leaf-reductions": ({}, "finite check and norms one leaf at a time (as before)"),
     "argmax": ({}, "MLM accuracy from jnp.argmax (as before)"),
@@ -381,10 +390,13 @@ def _bare_params(name: str, dsjax_params: Any) -> Any:
   if name == "cnn-digits":
     return dsjax_params
   params = {k: v for k, v in dsjax_params.items() if k != "encoder"}
-  stacked = dsjax_params["encoder"]["layers"]
-  layers = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(layers):
-    layer = jax.tree.map(lambda x, i=i: x[i], stacked)
+  encoder = dsjax_params["encoder"]
+  if "layers" in encoder:  # Stacked (model.scan_layers=True).
+    layers = jax.tree.leaves(encoder["layers"])[0].shape[0]
+    encoder = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], encoder["layers"])
+               for i in range(layers)}
+  for i in range(len(encoder)):
+    layer = dict(encoder[f"layers_{i}"])
     params[f"layer_{i}"] = {**layer.pop("attention"), **layer}
   return params
 
@@ -558,7 +570,8 @@ def main() -> None:
         for ablation in args.ablations or list(ABLATIONS):
           overrides, what = ABLATIONS[ablation]
           if ((ablation in ("no-controller", "no-loss-scale") and preset != "mixed")
-              or (ablation in ("full-head", "scan", "argmax") and name == "cnn-digits")):
+              or (ablation in ("full-head", "scan", "stacked", "argmax")
+                  and name == "cnn-digits")):
             continue
           result = ablate(name, preset, args, datasets[name], ablation, overrides)
           results[f"{name}/{preset}/ablation/{ablation}"] = {"what": what, **result}

@@ -156,6 +156,33 @@ def test_scan_unroll_keeps_parameters_and_logits():
                                atol=1e-5)
 
 
+def test_unscanned_layers_compute_what_the_scan_computes():
+  """scan_layers=False: layers_0, layers_1 hold the scan's [layers, ...] slices
+  (unstack_layers; stack_layers inverts it), and give the same logits and gradients, with
+  remat too. (Dropout masks follow the module paths, so they differ between layouts.)"""
+  module, ids = _tiny(), _ids((2, 6), 64)
+  variables = _random_variables(module, ids)
+  flat = module.clone(scan_layers=False)
+  shapes = nn.unbox(jax.eval_shape(flat.init, jax.random.key(0), ids))
+  unstacked = {"params": bert.unstack_layers(variables["params"], 2)}
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, unstacked)
+  assert set(shapes["params"]["encoder"]) == {"layers_0", "layers_1"}
+  restacked = bert.stack_layers(unstacked["params"], 2)
+  jax.tree.map(np.testing.assert_array_equal, restacked, variables["params"])
+  np.testing.assert_allclose(jax.jit(flat.apply)(unstacked, ids),
+                             jax.jit(module.apply)(variables, ids), rtol=1e-5, atol=1e-5)
+
+  def loss(model, params):
+    return jnp.mean(jax.nn.log_softmax(model.apply({"params": params}, ids))[..., 0])
+
+  want = jax.grad(lambda p: loss(module, p))(variables["params"])
+  for model in (flat, flat.clone(remat=True)):
+    got = jax.grad(lambda p, m=model: loss(m, p))(unstacked["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 bert.stack_layers(got, 2), want)
+  assert "scan" not in str(jax.make_jaxpr(flat.apply)(unstacked, ids))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fused_attention_keeps_parameters_and_logits(dtype):
   """attention_impl="jax" (`jax.nn.dot_product_attention`, XLA here; "cudnn" is the same
@@ -228,6 +255,9 @@ def test_registered_models():
   problems = " ".join(spec.check(bad))
   assert "divisible" in problems and "matmul_impl" in problems and "dropout_rate" in problems
   assert "scan_unroll must be >= 0 (0: every layer" in problems
+  unscanned = ml_collections.ConfigDict({**spec.defaults, "scan_layers": False,
+                                         "scan_unroll": 2})
+  assert "scan_layers=False has none" in " ".join(spec.check(unscanned))
   # Fused attention has no attention-weight dropout, which by default follows dropout_rate.
   fused = ml_collections.ConfigDict({**spec.defaults, "attention_impl": "cudnn"})
   assert "add --config.model.attention_dropout_rate=0" in " ".join(spec.check(fused))
@@ -289,6 +319,68 @@ def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
   for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(variables["params"]),
                        strict=True):
     np.testing.assert_allclose(got, want, atol=1e-6)  # One step at lr 1e-12 moves nothing.
+
+
+def test_precision_plans_follow_the_layer_layout():
+  """A controller state saved with stacked layers spreads to every separate layer, and
+  separate layers fold back keeping any fp32 promotion; other paths are untouched."""
+  from dsjax.models import layer_stack
+
+  stacked = {"plan": {"default": "half", "layers": {"encoder/layers/mlp_out": "fp32",
+                                                     "mlm_dense": "fp32"}},
+             "stable": {"encoder/layers/mlp_in": 3}, "promotions": {}, "events": ["e"]}
+  apart = layer_stack.precision_state_for(stacked, 2, stacked=False)
+  assert apart["plan"]["layers"] == {"encoder/layers_0/mlp_out": "fp32",
+                                     "encoder/layers_1/mlp_out": "fp32", "mlm_dense": "fp32"}
+  assert apart["stable"] == {"encoder/layers_0/mlp_in": 3, "encoder/layers_1/mlp_in": 3}
+  assert apart["events"] == ["e"]
+  apart["plan"]["layers"]["encoder/layers_0/mlp_out"] = "half"
+  apart["stable"]["encoder/layers_1/mlp_in"] = 1
+  back = layer_stack.precision_state_for(apart, 2, stacked=True)
+  assert back["plan"]["layers"] == {"encoder/layers/mlp_out": "fp32", "mlm_dense": "fp32"}
+  assert back["stable"] == {"encoder/layers/mlp_in": 1}
+  assert layer_stack.precision_state_for(back, 2, stacked=True) == back
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_scan_layout_whichever_the_layers(tmp_path):
+  """A run with separate layers (the default) checkpoints the scan's stacked layout
+  (params and Adam moments), and resumes with scan_layers=True to the parameters of an
+  uninterrupted separate-layers run (no dropout: both layouts compute the same, to float32
+  rounding, rtol 1e-5); --init-from's stacked weights load into separate layers."""
+  from test_checkpoint import final_state
+
+  from dsjax.train import train_and_evaluate
+
+  def config(steps, scan_layers):
+    config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
+    config.model.update(hidden=16, num_heads=2, mlp_dim=32, max_position=16,
+                        dropout_rate=0.0, scan_layers=scan_layers)
+    config.data.seq_len, config.data.vocab_size = 16, 128
+    config.data.cache_dir = str(tmp_path / "cache")
+    config_lib.make_tiny(config, batch_size=8)
+    config.train.steps = steps
+    config.logging.tensorboard = config.logging.progress_bar = False
+    return config
+
+  assert config(1, False).model.scan_layers is False  # The default, set here explicitly.
+  train_and_evaluate(config(1, False), tmp_path / "resumed")
+  _, saved = final_state(tmp_path / "resumed")
+  assert "layers" in saved["params"]["encoder"] and "layers_0" not in saved["params"]["encoder"]
+  assert saved["params"]["encoder"]["layers"]["mlp_in"]["kernel"].shape == (2, 16, 32)
+  train_and_evaluate(config(2, True), tmp_path / "resumed")
+  train_and_evaluate(config(2, False), tmp_path / "straight")
+  _, resumed = final_state(tmp_path / "resumed")
+  _, straight = final_state(tmp_path / "straight")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               resumed["params"], straight["params"])
+  folder, init = init_from_config(tmp_path)
+  assert init.model.scan_layers is False
+  train_and_evaluate(init, tmp_path / "init")
+  _, state = final_state(tmp_path / "init")
+  _, variables = bert.from_pretrained(folder)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state["params"],
+               variables["params"])
 
 
 def test_init_from_refuses_models_without_a_pretrained_format(tmp_path):

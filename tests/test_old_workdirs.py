@@ -78,6 +78,8 @@ def test_a_search_workdir_of_the_previous_code_resumes_in_the_trainer(tmp_path):
   assert max(ops, key=ops.get) == "sep_conv_3x3"
   assert (architecture["blocks"][0]["op"], architecture["blocks"][0]["kernel_size"]) == (
       "sep_conv", 3)
+  # The search space gained `format_mixing` since (the default, "outputs").
+  assert architecture["search_space"].pop("format_mixing") == "outputs"
   for arch in (architecture, want):
     arch["blocks"][0].update(op=None, kernel_size=None)
     arch.pop("flops"), arch.pop("params")

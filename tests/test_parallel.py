@@ -137,8 +137,10 @@ def _bert_losses(mesh_sizes, devices=None, steps=2):
   from dsjax.train import tasks
 
   config = config_lib.with_model_defaults(config_lib.base_config(), "bert-tiny")
+  # Stacked layers on every mesh (a pipeline stacks them anyway): one parameter layout
+  # to compare, with the layer axis that `pipe` shards.
   config.model.update(hidden=32, num_layers=4, num_heads=4, mlp_dim=64, max_position=32,
-                      dropout_rate=0.0)
+                      dropout_rate=0.0, scan_layers=True)
   config.data.seq_len, config.data.vocab_size = 16, 256
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.5
   dataset = data.get_dataset(config.data)

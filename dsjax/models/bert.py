@@ -21,12 +21,13 @@ import pallas_kernels
 from dsjax import measure
 from dsjax import nn as dsnn
 from dsjax.errors import ConfigError
-from dsjax.models import bert_hf, registry
+from dsjax.models import bert_hf, layer_stack, registry
 from dsjax.nn.layers import sow_stats
 from dsjax.parallel import pipeline
 from dsjax.precision import LayerPrecision, PrecisionPlan
 
 ACTIVATION_AXES = ("batch", "length", "embed")
+LAYERS = layer_stack.LAYERS  # The encoder's scanned layer stack; `layers_{i}` unscanned.
 _INIT = nn.initializers.normal(stddev=0.02)  # As BERT (initializer_range).
 
 
@@ -178,6 +179,14 @@ class BertEncoder(nn.Module):
       bf16 steps ran 15% faster unrolled; docs/benchmarks.md), for a longer compile.
     attention_impl: one of `dsjax.nn.ATTENTION_IMPLS`.
     attention_dropout_rate: dropout on the attention weights; None: `dropout_rate`.
+    scan_layers: False: no scan, `num_layers` separate layers `layers_0`, `layers_1`, ...
+      with parameters of their own (MaxText's `scan_layers`). Each layer then reads its
+      own kernels, where a stacked one is sliced per layer in the forward pass and the
+      gradients are stacked back in the backward pass: copies of every encoder weight,
+      twice a step (on the 2-core CPU ~4% of a bert-base float32 step). Checkpoints
+      and pretrained weights stay in the scan layout (`dsjax.models.layer_stack`), so a
+      run resumes with either value; the dropout masks of a step follow the module paths
+      and differ between the two.
   """
 
   num_layers: int
@@ -190,11 +199,13 @@ class BertEncoder(nn.Module):
   scan_unroll: int = 0
   attention_impl: str = "explicit"
   attention_dropout_rate: float | None = None
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_bias: jax.Array, *, train: bool) -> jax.Array:
     """Runs the stack on x [batch, length, embed] with bias [batch, 1, 1, length]."""
-
+    layer_args = (self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
+                  self.precision, self.attention_impl, self.attention_dropout_rate)
     # Lifted transforms pass arguments positionally: `train` is argument 3 of the body
     # (after the layer, the carry and the bias), broadcast to every step and static.
     def body(layer: BertLayer, carry: jax.Array, bias: jax.Array,
@@ -203,16 +214,28 @@ class BertEncoder(nn.Module):
 
     if self.remat:
       body = nn.remat(body, static_argnums=(3,), prevent_cse=False)
+    if not self.scan_layers:
+      for index in range(self.num_layers):
+        x, _ = body(BertLayer(*layer_args, name=f"{LAYERS}_{index}"), x, attention_bias, train)
+      return x
     stack = nn.scan(body, variable_axes={"params": 0, dsnn.STATS: 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
                     unroll=min(self.scan_unroll or self.num_layers, self.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    layer = BertLayer(self.num_heads, self.mlp_dim, self.dropout_rate, self.layer_norm_eps,
-                      self.precision, self.attention_impl, self.attention_dropout_rate,
-                      name="layers")
-    x, _ = stack(layer, x, attention_bias, train)
+    x, _ = stack(BertLayer(*layer_args, name=LAYERS), x, attention_bias, train)
     return x
+
+
+def unstack_layers(params: Any, num_layers: int) -> Any:
+  """A scanned encoder's parameters (`encoder/layers`, [layers, ...]) as `scan_layers=False`
+  holds them (`encoder/layers_0`, ...); other entries unchanged."""
+  return layer_stack.UnstackedLayout(num_layers).from_scan(params)
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+  """The inverse of `unstack_layers`."""
+  return layer_stack.UnstackedLayout(num_layers).to_scan(params)
 
 
 class Bert(nn.Module):
@@ -233,6 +256,9 @@ class Bert(nn.Module):
       (`dsjax.precision.LayerPrecision`), handed to every layer.
     remat: recompute encoder-layer activations in the backward pass.
     scan_unroll: encoder layers per loop iteration; 0: all of them (see `BertEncoder`).
+    scan_layers: False (the registry's default): separate encoder layers, not a scan
+      (see `BertEncoder`). A pipeline (`num_stages` > 1) runs the stacked layers in its
+      stages either way: its stages are slices of the stack.
     num_stages: pipeline stages of the encoder (the `pipe` mesh axis); 1: one scan.
     num_microbatches: pipeline micro-batches per (gradient-accumulation) batch.
     num_repeats: circular pipeline repeats (`dsjax.parallel.pipeline`); 1 is GPipe.
@@ -253,6 +279,7 @@ class Bert(nn.Module):
   precision: LayerPrecision = LayerPrecision()
   remat: bool = False
   scan_unroll: int = 0
+  scan_layers: bool = True
   num_stages: int = 1
   num_microbatches: int = 1
   num_repeats: int = 1
@@ -318,7 +345,7 @@ class Bert(nn.Module):
     else:
       x = BertEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                       self.layer_norm_eps, precision, self.remat, self.scan_unroll,
-                      self.attention_impl, self.attention_dropout_rate,
+                      self.attention_impl, self.attention_dropout_rate, self.scan_layers,
                       name="encoder")(x, attention_bias, train=train)
     if mlm_positions is not None:
       # Gathered before the head: its vocabulary projection is the costliest matmul of a
@@ -366,7 +393,8 @@ def _build(model_config: Any, num_classes: int, compute_dtype: Any,
               dropout_rate=model_config.dropout_rate,
               precision=LayerPrecision(compute_dtype, plan, model_config.matmul_impl),
               remat=model_config.remat,
-              scan_unroll=model_config.scan_unroll, attention_impl=model_config.attention_impl,
+              scan_unroll=model_config.scan_unroll, scan_layers=model_config.scan_layers,
+              attention_impl=model_config.attention_impl,
               attention_dropout_rate=_attention_dropout(model_config))
 
 
@@ -384,6 +412,9 @@ def _check(model_config: Any) -> list[str]:
   if model_config.scan_unroll < 0:
     problems.append(f"scan_unroll must be >= 0 (0: every layer, no loop), got "
                     f"{model_config.scan_unroll}")
+  elif model_config.scan_unroll and not model_config.scan_layers:
+    problems.append(f"scan_unroll={model_config.scan_unroll} sets the layer scan's loop, and "
+                    "scan_layers=False has none; drop one of them")
   if model_config.num_heads >= 1 and model_config.hidden % model_config.num_heads:
     problems.append(f"hidden={model_config.hidden} must be divisible by "
                     f"num_heads={model_config.num_heads}")
@@ -409,15 +440,23 @@ def _flops_per_example(model_config: Any, num_classes: int, example: Any) -> flo
       mlp_dim=model_config.mlp_dim, seq_len=seq_len, vocab_size=num_classes)
 
 
+def _layout(model_config: Any) -> layer_stack.UnstackedLayout | None:
+  """The encoder's in-memory layout when it is not the scan's (`scan_layers=False`)."""
+  return None if model_config.scan_layers else layer_stack.UnstackedLayout(
+      model_config.num_layers)
+
+
 _DEFAULTS = {"hidden": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512,
              "max_position": 512, "dropout_rate": 0.1, "matmul_impl": "xla", "remat": False,
-             "scan_unroll": 0, "attention_impl": "explicit", "attention_dropout_rate": -1.0}
+             "scan_unroll": 0, "scan_layers": False, "attention_impl": "explicit",
+             "attention_dropout_rate": -1.0}
 _SIZES = {"bert-tiny": (2, 128, 2, 512), "bert-mini": (4, 256, 4, 1024),
           "bert-base": (12, 768, 12, 3072)}
 for _name, (_layers, _hidden, _heads, _mlp) in _SIZES.items():
   registry.register(registry.ModelSpec(
       name=_name, build=_build, dataset="text", task="mlm", check=_check, pipelined=True,
       flops_per_example=_flops_per_example, load_pretrained=bert_hf.load_pretrained,
+      param_layout=_layout,
       defaults={**_DEFAULTS, "hidden": _hidden, "num_layers": _layers, "num_heads": _heads,
                 "mlp_dim": _mlp},
       config_file={"bert-base": "bert_base.py", "bert-mini": "bert_tiny.py:model=bert-mini"}.get(

@@ -42,6 +42,10 @@ class ModelSpec:
       XLA's cost analysis cannot see every matmul (GPU library calls). None: XLA's count.
     load_pretrained: `(path) -> (model fields, params, vocab file or None)` reads a
       pretrained checkpoint for `--init-from`; None: the model has no pretrained format.
+    param_layout: `(model_config) -> layout or None`: how the configured model holds its
+      parameters when that is not the saved (scan) layout, e.g. bert's separate layers
+      (`dsjax.models.layer_stack.UnstackedLayout`); checkpoints and `--init-from` weights
+      are converted through it. None: always the saved layout.
   """
 
   name: str
@@ -55,6 +59,7 @@ class ModelSpec:
   pipelined: bool = False
   flops_per_example: Callable[..., float] | None = None
   load_pretrained: Callable[[str], tuple[dict[str, Any], Any, str | None]] | None = None
+  param_layout: Callable[[Any], Any] | None = None
 
 
 def check_shared_fields(model_config: Any) -> list[str]:

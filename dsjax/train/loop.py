@@ -27,6 +27,7 @@ import tqdm
 
 from dsjax import data, measure, nas, plots
 from dsjax.config import base_config, with_model_defaults
+from dsjax.models import layer_stack
 from dsjax.parallel import compression as compression_lib
 from dsjax.parallel import distributed, sharding
 from dsjax.parallel import mesh as parallel_mesh
@@ -326,7 +327,13 @@ def start_loop(plan: RunPlan, workdir: Path, program: Program, state: TrainState
                                              fresh_if_missing=program.fresh_if_missing)
     for key, iterator in program.iterators.items():
       iterator.set_state(host_state[key])
-    precision_control.load_state_dict(host_state.get("precision"))
+    precision_state = host_state.get("precision")
+    if precision_state and plan.spec.param_layout is not None and plan.pipeline.stages == 1:
+      # A plan saved with the layers stacked names `layers`, one saved with them apart
+      # `layers_{i}`: this run's layout decides (the setting may change on resume).
+      precision_state = layer_stack.precision_state_for(
+          precision_state, plan.config.model.num_layers, stacked=plan.layout is None)
+    precision_control.load_state_dict(precision_state)
     state = cache.bind(state, precision_control.plan)
     log.info("resuming the search from step %d" if plan.search else "resuming from step %d",
              latest)
@@ -402,7 +409,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str | Path, *, search: 
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints",
                                          max_to_keep=plan.config.checkpoint.max_to_keep,
                                          async_save=plan.config.checkpoint.async_save,
-                                         layout=plan.pipeline.layout)
+                                         layout=plan.layout)
   try:
     if checkpointer.latest_step() is not None:
       check_resumable(plan, workdir)
@@ -463,10 +470,10 @@ def _train(plan: RunPlan, workdir: Path, checkpointer: checkpoint.Checkpointer
                                plan.loss_scale, task=task, mesh=mesh, rules=rules,
                                grad_compression=compressed, delayed_update=delayed,
                                policy=plan.policy)
-  layout = plan.pipeline.layout
+  layout = plan.layout
   if plan.pretrained is not None:
-    # A circular pipeline keeps the layer stack stage-major; pretrained weights are in
-    # the scan layout.
+    # A circular pipeline keeps the layer stack stage-major, and bert's unscanned layers
+    # apart; pretrained weights are in the scan layout.
     pretrained = plan.pretrained if layout is None else layout.from_scan(plan.pretrained)
     pretrained = plan.policy.cast_to_param(pretrained)  # Kept in the param dtype.
     check_pretrained(pretrained, state.params, train_cfg.init_from)

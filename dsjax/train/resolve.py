@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 _RESUME_INVARIANT = ("seed", "model", "data", "optimizer", "precision")
 _SEARCH_RESUME_INVARIANT = _RESUME_INVARIANT + ("resource", "search")
 # Keys of those sections that only change how the step compiles, not what the arrays mean
-# (BERT workdirs written when the encoder scan looped by default resume unrolled), or how
+# (BERT workdirs written when the encoder scan looped by default resume unrolled; its
+# layers stacked or not are one checkpoint layout, `dsjax.models.layer_stack`), or how
 # the batches are read, not which they are (every loader gives the same ones).
-_RESUME_COMPILE_ONLY = {"model": ("scan_unroll",), "data": ("loader", "workers", "prefetch")}
+_RESUME_COMPILE_ONLY = {"model": ("scan_unroll", "scan_layers"),
+                        "data": ("loader", "workers", "prefetch")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,14 @@ class RunPlan:
   resume_sections: tuple[str, ...] = _RESUME_INVARIANT
   resume_ignore: dict[str, Sequence[str]] = dataclasses.field(
       default_factory=lambda: dict(_RESUME_COMPILE_ONLY))
+
+  @property
+  def layout(self) -> Any:
+    """How the state holds its parameters when that is not the saved scan layout (a
+    circular pipeline's stage-major stack, bert's separate layers); None: as saved."""
+    if self.pipeline.stages > 1:  # A pipeline holds the stack (stage-major if circular).
+      return self.pipeline.layout
+    return None if self.spec.param_layout is None else self.spec.param_layout(self.config.model)
 
   @property
   def micro_batch(self) -> int:

@@ -122,6 +122,16 @@ def _varying(tree: Any, axis_name: str) -> Any:
   return jax.tree.map(lambda x: jax.lax.pvary(x, axis_name), tree)
 
 
+def _if_finite(finite: jax.Array, update: Callable[[], Any], skip: Callable[[], Any]) -> Any:
+  """`update()` where `finite`, else `skip()`: a conditional, not a select of both results.
+
+  The update's fusions then write the new parameters and moments once; selecting between
+  the updated and the old state read all of them twice more (on the 2-core CPU ~5% of a
+  bert-base float32 step; docs/benchmarks.md).
+  """
+  return jax.lax.cond(finite, lambda _: update(), lambda _: skip(), None)
+
+
 def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.Schedule, *,
                     collect_stats: bool = False, half_residuals: bool = False,
                     grad_compression: compression_lib.Compression | None = None,
@@ -257,14 +267,20 @@ def make_train_step(task: Task, grad_accum_steps: int, learning_rate_fn: optax.S
       grads, pending = pending, jax.tree.map(
           lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
       finite = finite & (state.step > 0)
-    updated, updates = state.apply_gradients(grads, model_state)
     # A step with any inf/NaN gradient changes nothing but the step and the loss scale.
-    params, opt_state, model_state = precision.select_tree(
-        finite, (updated.params, updated.opt_state, updated.model_state),
-        (state.params, state.opt_state, state.model_state))
-    new_state = updated.replace(params=params, opt_state=opt_state, model_state=model_state,
-                                loss_scale=state.loss_scale.adjust(finite),
-                                grad_sync=grad_sync, pending_grads=pending)
+    def update() -> tuple[Any, Any]:
+      updated, updates = state.apply_gradients(grads, model_state)
+      return (updated.params, updated.opt_state, updated.model_state), updates
+
+    def skip() -> tuple[Any, Any]:
+      zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), jax.eval_shape(update)[1])
+      return (state.params, state.opt_state, state.model_state), zeros
+
+    (params, opt_state, model_state), updates = _if_finite(finite, update, skip)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state,
+                              loss_scale=state.loss_scale.adjust(finite),
+                              grad_sync=grad_sync, pending_grads=pending)
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
