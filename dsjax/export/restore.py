@@ -226,15 +226,18 @@ def restore(workdir: str | Path, dtype: Any = jnp.float32) -> RestoredRun:
   model_config.update(overrides)
   model = spec.build(model_config, dataset.num_classes, dtype)
   example = [jnp.zeros((1, *s.shape), s.dtype) for s in inputs]
-  variables = _restore_variables(workdir, step, model, run_task, inputs, example)
+  layout = spec.param_layout(model_config) if spec.param_layout is not None else None
+  variables = _restore_variables(workdir, step, model, run_task, inputs, example, layout)
   return RestoredRun(workdir=workdir, step=step, config=config, spec=spec, task=run_task,
                      dataset=dataset, model=model, variables=variables, inputs=inputs,
                      overrides=overrides)
 
 
 def _restore_variables(workdir: Path, step: int, model: nn.Module, run_task: tasks.Task,
-                       inputs: tuple[InputSpec, ...], example: list[jax.Array]) -> dict[str, Any]:
-  """Reads `params` and the model state from checkpoint `step` (a partial restore)."""
+                       inputs: tuple[InputSpec, ...], example: list[jax.Array],
+                       layout: Any = None) -> dict[str, Any]:
+  """Reads `params` and the model state from checkpoint `step` (a partial restore).
+  `layout` (the spec's `param_layout`): the model's when not the saved scan layout."""
   names = [spec.name for spec in inputs]
 
   def init() -> Any:
@@ -249,6 +252,8 @@ def _restore_variables(workdir: Path, step: int, model: nn.Module, run_task: tas
                          "model_state": {k: v for k, v in abstract.items() if k != "params"}})
   if not target["model_state"]:
     del target["model_state"]  # An empty subtree has nothing to match on disk.
+  if layout is not None:  # Checkpoints hold the scan layout (dsjax.models.layer_stack).
+    target = layout.scan_abstract(target)
   folder = workdir / "checkpoints" / str(step) / "state"
   _check_saved_shapes(folder, target, workdir)
   try:
@@ -267,6 +272,8 @@ def _restore_variables(workdir: Path, step: int, model: nn.Module, run_task: tas
         f"config.json describes ({type(error).__name__}: {first}); the config was edited "
         "after training or the checkpoint is damaged: restore the run's own config.json, "
         "or retrain") from error
+  if layout is not None:
+    restored = layout.from_scan(restored)
   return {"params": restored["params"], **restored.get("model_state", {})}
 
 
