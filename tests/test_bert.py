@@ -15,7 +15,7 @@ import pytest
 
 from dsjax import config as config_lib
 from dsjax.errors import ConfigError
-from dsjax.models import bert, registry
+from dsjax.models import bert, layer_stack, registry
 from dsjax.precision import LayerPrecision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,16 +158,17 @@ def test_scan_unroll_keeps_parameters_and_logits():
 
 def test_unscanned_layers_compute_what_the_scan_computes():
   """scan_layers=False: layers_0, layers_1 hold the scan's [layers, ...] slices
-  (unstack_layers; stack_layers inverts it), and give the same logits and gradients, with
-  remat too. (Dropout masks follow the module paths, so they differ between layouts.)"""
+  (layer_stack's from_scan; to_scan inverts it), and give the same logits and gradients,
+  with remat too. (Dropout masks follow the module paths, so they differ between layouts.)"""
   module, ids = _tiny(), _ids((2, 6), 64)
   variables = _random_variables(module, ids)
   flat = module.clone(scan_layers=False)
   shapes = nn.unbox(jax.eval_shape(flat.init, jax.random.key(0), ids))
-  unstacked = {"params": bert.unstack_layers(variables["params"], 2)}
+  layout = layer_stack.UnstackedLayout(2)
+  unstacked = {"params": layout.from_scan(variables["params"])}
   assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, unstacked)
   assert set(shapes["params"]["encoder"]) == {"layers_0", "layers_1"}
-  restacked = bert.stack_layers(unstacked["params"], 2)
+  restacked = layout.to_scan(unstacked["params"])
   jax.tree.map(np.testing.assert_array_equal, restacked, variables["params"])
   np.testing.assert_allclose(jax.jit(flat.apply)(unstacked, ids),
                              jax.jit(module.apply)(variables, ids), rtol=1e-5, atol=1e-5)
@@ -179,7 +180,7 @@ def test_unscanned_layers_compute_what_the_scan_computes():
   for model in (flat, flat.clone(remat=True)):
     got = jax.grad(lambda p, m=model: loss(m, p))(unstacked["params"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 bert.stack_layers(got, 2), want)
+                 layout.to_scan(got), want)
   assert "scan" not in str(jax.make_jaxpr(flat.apply)(unstacked, ids))
 
 
@@ -327,8 +328,6 @@ def test_init_from_starts_training_from_the_hugging_face_weights(tmp_path):
 def test_precision_plans_follow_the_layer_layout():
   """A controller state saved with stacked layers spreads to every separate layer, and
   separate layers fold back keeping any fp32 promotion; other paths are untouched."""
-  from dsjax.models import layer_stack
-
   stacked = {"plan": {"default": "half", "layers": {"encoder/layers/mlp_out": "fp32",
                                                      "mlm_dense": "fp32"}},
              "stable": {"encoder/layers/mlp_in": 3}, "promotions": {}, "events": ["e"]}

@@ -83,7 +83,8 @@ def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
                                           shard_tokens)
   out = Path(out).expanduser().absolute()
   found = sources.find_inputs(inputs, exclude=out.resolve())
-  input_bytes = sum(item.describe()["size"] for item in found)
+  described = [item.describe() for item in found]
+  input_bytes = sum(entry["size"] for entry in described)
   every = 1 if vocab_path or not vocab_sample_mb else max(
       1, math.ceil(input_bytes / (vocab_sample_mb * 1e6)))
   settings = {
@@ -93,7 +94,7 @@ def prepare_text(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: s
       "vocab_every_document": every,
       "vocab_file": None if vocab_path is None else {
           **shards.file_entry(vocab_path), "file": str(vocab_path)}}
-  state = {"inputs": [item.describe() for item in found], "settings": settings}
+  state = {"inputs": described, "settings": settings}
   state["fingerprint"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
   _claim(out, state)
   manifest = _finished_manifest(out, state["fingerprint"])

@@ -196,9 +196,15 @@ def _untrained_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
   return tokenizer
 
 
+def character_pieces(pre_tokenizer: Any, char: str) -> int:
+  """The pieces the pre-tokenizer cuts "a<char>a" into: 1 if `char` stays inside a word,
+  2 if it is whitespace, 3 if it is punctuation (a piece of its own)."""
+  return len(pre_tokenizer.pre_tokenize_str(f"a{char}a"))
+
+
 def _is_word_character(pre_tokenizer: Any, char: str) -> bool:
   """Whether the pre-tokenizer keeps `char` inside a word (not whitespace, not punctuation)."""
-  return len(pre_tokenizer.pre_tokenize_str(f"a{char}a")) == 1
+  return character_pieces(pre_tokenizer, char) == 1
 
 
 def _continuations_exact(scratch: Tokenizer, texts: Iterable[str]) -> set[str]:

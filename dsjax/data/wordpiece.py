@@ -24,6 +24,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
+from dsjax.data import text
+
 _FALLBACK = "\x00"  # Never in a normalized text: the normalizer removes it.
 _CACHE_WORDS = 1 << 20  # Distinct words kept; the cache starts afresh beyond that.
 
@@ -43,7 +45,7 @@ class _CharacterTable(dict):
       normalized = _FALLBACK
     parts = []
     for char in normalized:
-      pieces = len(self.pre_tokenizer.pre_tokenize_str(f"a{char}a"))
+      pieces = text.character_pieces(self.pre_tokenizer, char)
       inexact = char == _FALLBACK or unicodedata.combining(char) or (
           pieces != 2 and char.isspace())
       if inexact:

@@ -227,17 +227,6 @@ class BertEncoder(nn.Module):
     return x
 
 
-def unstack_layers(params: Any, num_layers: int) -> Any:
-  """A scanned encoder's parameters (`encoder/layers`, [layers, ...]) as `scan_layers=False`
-  holds them (`encoder/layers_0`, ...); other entries unchanged."""
-  return layer_stack.UnstackedLayout(num_layers).from_scan(params)
-
-
-def stack_layers(params: Any, num_layers: int) -> Any:
-  """The inverse of `unstack_layers`."""
-  return layer_stack.UnstackedLayout(num_layers).to_scan(params)
-
-
 class Bert(nn.Module):
   """BERT with its masked-language-model head (Hugging Face `BertForMaskedLM`).
 

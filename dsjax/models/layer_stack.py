@@ -59,15 +59,7 @@ class UnstackedLayout:
 
   def to_scan(self, tree: Any) -> Any:
     """Separate layers -> scan."""
-    def convert(node: Any) -> Any:
-      if not self._unstacked(node):
-        return node
-      names = [_layer_key(index) for index in range(self.num_layers)]
-      out = {key: value for key, value in node.items() if key not in names}
-      out[LAYERS] = jax.tree.map(lambda *xs: _stack(xs), *[node[name] for name in names],
-                                 is_leaf=_is_box)
-      return out
-    return jax.tree.map(convert, tree, is_leaf=self._unstacked)
+    return self._fold(tree, lambda *xs: _stack(xs), _is_box)
 
   def scan_abstract(self, tree: Any) -> Any:
     """The scan-layout `jax.ShapeDtypeStruct`s (with shardings) of an abstract state: the
@@ -79,13 +71,18 @@ class UnstackedLayout:
         sharding = jax.sharding.NamedSharding(
             sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
       return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype, sharding=sharding)
+    return self._fold(tree, leaf, None)
+
+  def _fold(self, tree: Any, combine: Any, is_leaf: Any) -> Any:
+    """Every mapping holding `layers_0` ...: those entries replaced by `layers`, whose
+    leaves are `combine(leaf of layers_0, leaf of layers_1, ...)`."""
+    names = [_layer_key(index) for index in range(self.num_layers)]
 
     def convert(node: Any) -> Any:
       if not self._unstacked(node):
         return node
-      names = [_layer_key(index) for index in range(self.num_layers)]
       out = {key: value for key, value in node.items() if key not in names}
-      out[LAYERS] = jax.tree.map(leaf, *[node[name] for name in names])
+      out[LAYERS] = jax.tree.map(combine, *[node[name] for name in names], is_leaf=is_leaf)
       return out
     return jax.tree.map(convert, tree, is_leaf=self._unstacked)
 

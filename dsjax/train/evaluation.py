@@ -132,7 +132,8 @@ def evaluate_split(state: TrainState, eval_fn: Any, dataset: data.Dataset, split
     for a detector (-1 where the split has no box of that size, as pycocotools reports).
   """
   arrays = dataset.splits[split]
-  if 0 < max_examples < data.num_examples(arrays):
+  capped = 0 < max_examples < data.num_examples(arrays)
+  if capped:
     arrays = {key: column[:max_examples] for key, column in arrays.items()}
   result, outputs = run_eval(state, eval_fn, arrays, batch_size, mesh, rules, microbatches)
   if "score" in outputs:
@@ -145,7 +146,9 @@ def evaluate_split(state: TrainState, eval_fn: Any, dataset: data.Dataset, split
       outputs["boxes"], outputs["box_scores"], outputs["box_classes"], arrays["image_id"],
       arrays["letterbox"], [category["id"] for category in categories])
   ground_truth = _ground_truth(metadata, arrays, split)
-  image_ids = None if isinstance(ground_truth, dict) else np.asarray(arrays["image_id"]).tolist()
+  # An annotation file is scored on every image it lists, or on the capped split's only.
+  image_ids = (np.asarray(arrays["image_id"]).tolist()
+               if capped and not isinstance(ground_truth, dict) else None)
   result.update(coco_eval.evaluate(ground_truth, results, image_ids))
   if distributed.is_primary():
     coco_eval.write_results(workdir / f"detections_{split}.json", results)
